@@ -1,0 +1,185 @@
+"""LoraConfig: PEFT's field names and defaults, validation, adapter_config.json in and out."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+CONFIG_NAME = "adapter_config.json"
+
+
+class TaskType(str, enum.Enum):
+    """The task a model is adapted for (PEFT's names)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+# Fields PEFT's LoraConfig has that lorakit does not implement, with the value that means
+# "off". A file holding the default loads silently; any other value is refused by name.
+UNSUPPORTED_PEFT_FIELDS: dict[str, Any] = {
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "trainable_token_indices": None,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "qalora_group_size": 16,
+    "monteclora_config": None,
+    "layer_replication": None,
+    "runtime_config": {"ephemeral_gpu_offload": False},
+    "lora_bias": False,
+    "target_parameters": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "ensure_weight_tying": False,
+}
+# Bookkeeping fields PEFT writes; read and written back, never acted on.
+PEFT_METADATA_FIELDS = ("peft_type", "auto_mapping", "peft_version", "revision")
+
+INIT_CHOICES = (True, False, "gaussian")
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraConfig:
+    """What to adapt and how: rank, scaling, targets, init. Field names and defaults as PEFT's."""
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    bias: str = "none"
+    modules_to_save: Optional[list[str]] = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    fan_in_fan_out: bool = False
+    task_type: Optional[Union[TaskType, str]] = None
+    base_model_name_or_path: Optional[str] = None
+    inference_mode: bool = False
+    revision: Optional[str] = None
+    peft_type: str = "LORA"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and what would be accepted."""
+        _check_rank("r", self.r)
+        for pattern, rank in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{pattern!r}]", rank)
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in BIAS_CHOICES:
+            raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
+        if self.init_lora_weights not in INIT_CHOICES:
+            raise ValueError(
+                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+            )
+        if self.peft_type != "LORA":
+            raise ValueError(f"lorakit reads LoRA adapters only; this config has peft_type={self.peft_type!r}")
+        if isinstance(self.target_modules, str) and (
+            self.layers_to_transform is not None or self.layers_pattern is not None
+        ):
+            raise ValueError("layers_to_transform / layers_pattern need target_modules as a list, not a regex string")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern is set but layers_to_transform is not: give the layer indices too")
+        valid_tasks = {t.value for t in TaskType}
+        if self.task_type is not None and self.task_type not in valid_tasks:
+            raise ValueError(f"task_type must be one of {sorted(valid_tasks)} or None, got {self.task_type!r}")
+
+    def scaling_for(self, rank: int, alpha: float) -> float:
+        """lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
+        return alpha / (rank**0.5) if self.use_rslora else alpha / rank
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON PEFT writes: our fields plus PEFT's unsupported ones at their defaults."""
+        out = {**UNSUPPORTED_PEFT_FIELDS, **dataclasses.asdict(self)}
+        out.pop("runtime_config")  # PEFT keeps it out of files too
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(out[key], (set, tuple)):
+                out[key] = sorted(out[key])
+        return out
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        payload = {**self.to_dict(), "inference_mode": True}
+        _atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(payload, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "LoraConfig":
+        """Build from a PEFT-style dict: known fields used, PEFT-only fields checked, others warned."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in UNSUPPORTED_PEFT_FIELDS:
+                if not _is_default(value, UNSUPPORTED_PEFT_FIELDS[key]):
+                    raise ValueError(
+                        f"{source}: {key}={value!r} is a PEFT feature lorakit does not support; "
+                        f"lorakit accepts only {UNSUPPORTED_PEFT_FIELDS[key]!r} there"
+                    )
+            elif key not in PEFT_METADATA_FIELDS:
+                warnings.warn(f"{source}: ignoring unknown LoraConfig field {key!r}", UserWarning, stacklevel=2)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None) -> "LoraConfig":
+        path = os.path.join(directory, subfolder or "", CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"no {CONFIG_NAME} in {os.path.dirname(path)!r}: an adapter folder holds {CONFIG_NAME} "
+                "and adapter_model.safetensors (as written by save_pretrained)"
+            )
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of LoraConfig fields")
+        return cls.from_dict(data, source=path)
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer (the LoRA rank), got {value!r}")
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    if isinstance(default, dict):
+        return value in (None, {}) or value == default
+    return value == default
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

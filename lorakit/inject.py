@@ -1,0 +1,280 @@
+"""Which modules to target, swapping LoRA layers in, and the adapter registry of a model."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import re
+from typing import Iterator
+
+from torch import nn
+
+from .config import LoraConfig, TaskType
+from .layers import LoraLayer, LoraLinear, ModulesToSave, is_conv1d, lora_layer_class
+
+# q,v (or the fused qkv) per architecture when target_modules is not given, as PEFT defaults.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "opt",
+                     "gptj", "gpt_neo", "bart", "stablelm"], ["q_proj", "v_proj"]),
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "vit"], ["query", "value"]),
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]),
+    **dict.fromkeys(["bloom", "gpt_neox", "falcon"], ["query_key_value"]),
+    **dict.fromkeys(["t5", "mt5"], ["q", "v"]),
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "deberta-v2": ["query_proj", "value_proj"],
+}
+SEQ_CLS_HEADS = ["classifier", "score"]
+
+
+def name_matches(name: str, targets: str | list[str]) -> bool:
+    """PEFT's rule: a string is a full-match regex; a list entry matches exactly or as a dotted suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
+def layer_index_ok(name: str, config: LoraConfig) -> bool:
+    """layers_to_transform: keep only modules inside the listed layer indices."""
+    wanted = config.layers_to_transform
+    if wanted is None or wanted == []:
+        return True
+    patterns = config.layers_pattern or []
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    match = next((m for m in (re.match(rx, name) for rx in regexes) if m), None)
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def pattern_value(name: str, patterns: dict, default):
+    """rank_pattern / alpha_pattern: the first key that matches the end of the module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def is_adapter_internal(name: str) -> bool:
+    """Modules that lorakit itself added (lora_A.x, modules_to_save.x) are never targets."""
+    return bool(re.search(r"(^|\.)(lora_[A-Za-z_]+|modules_to_save)(\.|$)", name))
+
+
+def all_linear_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    """'all-linear': every Linear / Conv1D except the output head (as PEFT expands it)."""
+    names = {n for n, m in model.named_modules()
+             if (isinstance(m, (nn.Linear, LoraLinear)) or is_conv1d(m)) and not is_adapter_internal(n)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None and config.task_type == TaskType.SEQ_CLS.value:
+        head = next((getattr(model, h) for h in SEQ_CLS_HEADS if hasattr(model, h)), None)
+    names -= {n for n, m in model.named_modules() if head is not None and m is head}
+    return sorted(names)
+
+
+def targetable_names(model: nn.Module) -> list[str]:
+    """Leaf names of the modules LoRA can wrap, for error messages."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if n and lora_layer_class(m) is not None and not is_adapter_internal(n)})
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full names of the modules this config adapts; raises naming what is wrong if none or a typo."""
+    names = [n for n, _ in model.named_modules() if n and not is_adapter_internal(n)]
+    saved = config.modules_to_save or []
+    candidates = [n for n in names
+                  if not (config.exclude_modules and name_matches(n, config.exclude_modules))
+                  and not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in saved)]
+    if isinstance(config.target_modules, list):
+        unknown = [t for t in config.target_modules if not any(name_matches(n, [t]) for n in names)]
+        if unknown:
+            raise ValueError(_no_match_message(model, f"target_modules {unknown} match no module", unknown))
+    targets = [n for n in candidates if name_matches(n, config.target_modules) and layer_index_ok(n, config)]
+    if not targets:
+        raise ValueError(_no_match_message(model, f"target_modules={config.target_modules!r} matched no module", []))
+    for n in targets:
+        module = model.get_submodule(n)
+        if lora_layer_class(module) is None and not isinstance(module, LoraLayer):
+            raise ValueError(
+                f"target module {n!r} is a {type(module).__name__}; LoRA can target nn.Linear, "
+                "transformers' Conv1D, nn.Embedding and nn.Conv2d"
+            )
+    return targets
+
+
+def _no_match_message(model: nn.Module, problem: str, unknown: list[str]) -> str:
+    options = targetable_names(model)
+    hints = [f"{u!r} -> did you mean {close}?" for u in unknown
+             if (close := difflib.get_close_matches(u.rsplit(".", 1)[-1], options, n=3))]
+    return (f"{problem}. Modules LoRA can target here: {options} (or 'all-linear', or a regex "
+            "that fully matches module paths)." + (" " + "; ".join(hints) if hints else ""))
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+class LoraModel(nn.Module):
+    """A model with LoRA layers swapped in, and the registry of its named adapters."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapters: list[str] = []
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else self.active_adapters
+
+    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        return ((n, m) for n, m in self.model.named_modules() if isinstance(m, LoraLayer))
+
+    def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+        return ((n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSave))
+
+    # --- registry -------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Attach a new adapter (inactive until set_adapter) to the modules the config targets."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+        if not adapter_name.isidentifier():
+            raise ValueError(f"adapter name {adapter_name!r} must be a Python identifier (letters, digits, _)")
+        config = self._complete_config(config)
+        targets = resolve_targets(self.model, config)
+        for name in targets:
+            self._add_to_layer(name, adapter_name, config)
+        if any(getattr(self.model.get_submodule(n), "fan_in_fan_out", False) for n in targets):
+            config.fan_in_fan_out = True  # GPT-2 Conv1D weights; PEFT records it the same way
+        for name in self._saved_module_names(config):
+            module = self.model.get_submodule(name)
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module)
+                _replace_module(self.model, name, module)
+            module.add_adapter(adapter_name)
+        self.peft_config[adapter_name] = config
+        self._freeze_base(config, targets)
+        self._refresh_trainable()
+
+    def _complete_config(self, config: LoraConfig) -> LoraConfig:
+        """A copy of the config with defaults resolved against this model, as PEFT saves it."""
+        config = dataclasses.replace(config)
+        if config.target_modules is None:
+            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+            if model_type not in DEFAULT_TARGET_MODULES:
+                raise ValueError(
+                    f"target_modules is not set and lorakit has no default for model type {model_type!r}; "
+                    f"pass target_modules (e.g. 'all-linear' or some of {targetable_names(self.model)})"
+                )
+            config.target_modules = list(DEFAULT_TARGET_MODULES[model_type])
+        if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+            config.target_modules = all_linear_names(self.model, config)
+        if config.task_type == TaskType.SEQ_CLS.value:
+            extra = [h for h in SEQ_CLS_HEADS if h not in (config.modules_to_save or [])]
+            config.modules_to_save = list(config.modules_to_save or []) + extra
+        return config
+
+    def _saved_module_names(self, config: LoraConfig) -> list[str]:
+        wanted = config.modules_to_save or []
+        found = [n for n, _ in self.model.named_modules()
+                 if n and not is_adapter_internal(n) and name_matches(n, wanted)]
+        missing = [w for w in wanted if w not in SEQ_CLS_HEADS and not any(name_matches(n, [w]) for n in found)]
+        if missing:
+            raise ValueError(f"modules_to_save {missing} match no module of the model")
+        return [n for n in found if not any(n.startswith(f"{o}.") for o in found)]
+
+    def _add_to_layer(self, name: str, adapter_name: str, config: LoraConfig) -> None:
+        module = self.model.get_submodule(name)
+        if not isinstance(module, LoraLayer):
+            module = lora_layer_class(module)(module)
+            _replace_module(self.model, name, module)
+        rank = pattern_value(name, config.rank_pattern, config.r)
+        alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
+        module.add_adapter(adapter_name, rank, alpha, config.lora_dropout, config.use_rslora,
+                           config.use_dora, config.init_lora_weights)
+
+    def _freeze_base(self, config: LoraConfig, targets: list[str]) -> None:
+        """Only adapters train; biases too when config.bias says so."""
+        for name, p in self.model.named_parameters():
+            if not is_adapter_internal(name):
+                p.requires_grad_(False)
+        if config.inference_mode or config.bias == "none":
+            return
+        for name, p in self.model.named_parameters():
+            owner = name.rpartition(".")[0]
+            if name.endswith("bias") and not is_adapter_internal(name) and (
+                    config.bias == "all" or owner in targets):
+                p.requires_grad_(True)
+
+    def _refresh_trainable(self) -> None:
+        """Parameters of active, trainable adapters get gradients; all other adapters' do not."""
+        def trains(name: str) -> bool:
+            return name in self.active_adapters and not self.peft_config[name].inference_mode
+
+        for _, layer in self.lora_layers():
+            layer.active_adapters = list(self.active_adapters)
+            for name in layer.r:
+                for p in layer.adapter_parameters(name).values():
+                    p.requires_grad_(trains(name))
+        for _, module in self.saved_modules():
+            module.active_adapter = next((a for a in self.active_adapters if a in module.modules_to_save), None)
+            for name, copy in module.modules_to_save.items():
+                copy.requires_grad_(trains(name))
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make these adapters the active ones (their outputs add up); only they train."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_exists(names)
+        self.active_adapters = names
+        self._refresh_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_exists([adapter_name])
+        for _, layer in self.lora_layers():
+            layer.delete_adapter(adapter_name)
+        for _, module in self.saved_modules():
+            module.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        self.active_adapters = remaining
+        self._refresh_trainable()
+
+    def _check_exists(self, names: list[str]) -> None:
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown[0]!r}; this model has {sorted(self.peft_config)}")
+
+    # --- enable / disable -----------------------------------------------------------------
+    def _set_disabled(self, disabled: bool) -> None:
+        for _, module in [*self.lora_layers(), *self.saved_modules()]:
+            module.disabled = disabled
+
+    def disable_adapter_layers(self) -> None:
+        self._set_disabled(True)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_disabled(False)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within this block the model computes as the base model."""
+        self._set_disabled(True)
+        try:
+            yield
+        finally:
+            self._set_disabled(False)
+

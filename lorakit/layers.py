@@ -1,0 +1,322 @@
+"""The LoRA math: h = base(x) + scaling * B(A(dropout(x))), for Linear / GPT-2 Conv1D, Embedding, Conv2d.
+
+A LoRA layer wraps a base module and adopts its parameters (the same dict object), so the
+base's keys (`q_proj.weight`, `q_proj.bias`) stay valid; adapters live beside them under
+`lora_A.<name>`, `lora_B.<name>`, ... exactly as PEFT names them inside a model.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class WrapsBase(nn.Module):
+    """Stands in for `base` under the same state_dict keys: it adopts base's parameter and buffer
+    dicts (the same objects, so `.to()`, loading and sharding reach both) and its children.
+    Attributes it lacks are read from base (in_features, padding_idx, nf, ...)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.__dict__["_parameters"] = base._parameters
+        self.__dict__["_buffers"] = base._buffers
+        self.__dict__["_non_persistent_buffers_set"] = base._non_persistent_buffers_set
+        self._modules.update(base._modules)
+        self.__dict__["base_layer"] = base  # not a child: its state is already ours
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "base_layer" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["base_layer"], name)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 Conv1D (a Linear with its weight stored as in x out), without importing it."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+class LoraLayer(WrapsBase):
+    """Base module + named low-rank adapters; subclasses give the adapter's shape and output."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__(base)
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # --- adapters -------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool,
+                    use_dora: bool = False, init: bool | str = True) -> None:
+        if use_dora:
+            raise ValueError(f"DoRA supports Linear and Conv1D layers, not {type(self.base_layer).__name__}")
+        self.r[name] = r
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._create_adapter(name, r, init)
+        self.to_base_device(name)
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """This adapter's parameters by their attribute path in this layer (e.g. 'lora_A.default.weight')."""
+        return {k: p for k, p in self.named_parameters() if f".{name}." in f".{k}." and k.startswith("lora_")}
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into this layer; unmerge it before deleting")
+        for container in self._modules.values():
+            if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and name in container:
+                del container[name]
+        for table in (self.r, self.scaling):
+            table.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def to_base_device(self, name: str) -> None:
+        ref = next((t for t in self._parameters.values() if t is not None), None)
+        if ref is None or ref.device.type == "meta":
+            return
+        # Adapters train in fp32 (or fp64) even over a half-precision or quantised base.
+        dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
+        for p in self.adapter_parameters(name).values():
+            p.data = p.data.to(ref.device, dtype)
+
+    # --- forward --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled and self.merged_adapters:
+            self.unmerge()
+        base_out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return base_out
+        result = base_out
+        for name in self.active_adapters:
+            if name in self.r and name not in self.merged_adapters:
+                result = result + self.adapter_output(x, name, base_out).to(base_out.dtype)
+        return result
+
+    # --- merge ----------------------------------------------------------------------------
+    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        """Fold the named adapters into the base weight, in order."""
+        for name in names:
+            if name not in self.r or name in self.merged_adapters:
+                continue
+            merged = self.merged_weight(name)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} would put NaN/Inf into the weight; refusing (safe_merge)")
+            self.weight.data.copy_(merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Take merged adapters out again, last merged first."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self.weight.data.copy_(self.unmerged_weight(name))
+
+    def merged_weight(self, name: str) -> torch.Tensor:
+        return self.weight + self.delta_weight(name).to(self.weight.dtype)
+
+    def unmerged_weight(self, name: str) -> torch.Tensor:
+        return self.weight - self.delta_weight(name).to(self.weight.dtype)
+
+    # subclass hooks
+    def _create_adapter(self, name: str, r: int, init: bool | str) -> None:
+        raise NotImplementedError
+
+    def adapter_output(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B A, shaped like the base weight."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"base={self.base_layer!r}, adapters={ {n: self.r[n] for n in self.r} }"
+
+
+def _init_pair(A: torch.Tensor, B: torch.Tensor, r: int, init: bool | str) -> None:
+    """A Kaiming-uniform (or N(0, 1/r) for 'gaussian'), B zero; init=False keeps both random."""
+    if init is False:
+        return
+    if init == "gaussian":
+        nn.init.normal_(A, std=1 / r)
+    else:
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    nn.init.zeros_(B)
+
+
+class LoraLinear(LoraLayer):
+    """nn.Linear, or GPT-2's Conv1D whose weight is stored transposed (fan_in_fan_out)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__(base)
+        self.fan_in_fan_out = is_conv1d(base)
+        d_in, d_out = base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1]
+        self.in_features, self.out_features = d_in, d_out
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._dora_merge_norm: dict[str, torch.Tensor] = {}
+
+    def add_adapter(self, name, r, alpha, dropout, use_rslora, use_dora=False, init=True) -> None:
+        super().add_adapter(name, r, alpha, dropout, use_rslora, False, init)
+        if use_dora:
+            with torch.no_grad():
+                norm = self._weight_norm(self.delta_weight_out_in(name))
+            self.lora_magnitude_vector[name] = nn.Parameter(norm)
+
+    def _create_adapter(self, name, r, init) -> None:
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+        _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, r, init)
+
+    def weight_out_in(self) -> torch.Tensor:
+        """The base weight as d_out x d_in, whatever its storage."""
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
+    def delta_weight_out_in(self, name: str) -> torch.Tensor:
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = self.delta_weight_out_in(name)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _weight_norm(self, delta_out_in: torch.Tensor) -> torch.Tensor:
+        """Row norms of W + delta (DoRA's ||W'||, one per output feature)."""
+        weight = self.weight_out_in()
+        return torch.linalg.norm(weight + delta_out_in.to(weight.dtype), dim=1).to(weight.dtype)
+
+    def adapter_output(self, x, name, base_out):
+        A, B, dropout, s = self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name]
+        x = x.to(A.weight.dtype)
+        if name not in self.lora_magnitude_vector:
+            return B(A(dropout(x))) * s
+        return self._dora_output(x, name, base_out)
+
+    def _dora_output(self, x, name, base_out):
+        """DoRA: m * (W + sBA) x / ||W + sBA||, expressed as a correction to the base output."""
+        A, B, dropout, s = self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name]
+        delta = (B.weight @ A.weight).detach() * s
+        norm = self._weight_norm(delta).detach()
+        mag_scale = (self.lora_magnitude_vector[name] / norm).view(1, -1)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base_no_bias = base_out if self.bias is None else base_out - self.bias
+            dropped = x
+        else:
+            dropped = dropout(x)
+            base_no_bias = F.linear(dropped, self.weight_out_in().to(x.dtype))
+        lora_out = B(A(dropped))
+        return (mag_scale - 1) * base_no_bias + mag_scale * lora_out * s
+
+    def merged_weight(self, name):
+        if name not in self.lora_magnitude_vector:
+            return super().merged_weight(name)
+        delta = self.delta_weight_out_in(name)
+        norm = self._weight_norm(delta)
+        self._dora_merge_norm[name] = norm.detach().clone()
+        merged = (self.lora_magnitude_vector[name] / norm).view(-1, 1) * (self.weight_out_in() + delta)
+        return merged.T if self.fan_in_fan_out else merged
+
+    def unmerged_weight(self, name):
+        if name not in self.lora_magnitude_vector:
+            return super().unmerged_weight(name)
+        norm = self._dora_merge_norm.pop(name)
+        base = self.weight_out_in() * (norm / self.lora_magnitude_vector[name]).view(-1, 1)
+        base = base - self.delta_weight_out_in(name)
+        return base.T if self.fan_in_fan_out else base
+
+
+class LoraEmbedding(LoraLayer):
+    """nn.Embedding; as in PEFT, A starts at zero and B random, and there is no dropout."""
+
+    def __init__(self, base: nn.Embedding):
+        super().__init__(base)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _create_adapter(self, name, r, init) -> None:
+        num, dim = self.weight.shape
+        A, B = torch.randn(r, num), torch.randn(dim, r)
+        if init is not False:
+            nn.init.zeros_(A)
+            nn.init.normal_(B)
+        self.lora_embedding_A[name] = nn.Parameter(A)
+        self.lora_embedding_B[name] = nn.Parameter(B)
+
+    def adapter_output(self, x, name, base_out):
+        base = self.base_layer
+        after_A = F.embedding(x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm,
+                              base.norm_type, base.scale_grad_by_freq, base.sparse)
+        return (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+
+    def delta_weight(self, name):
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+
+
+class LoraConv2d(LoraLayer):
+    """nn.Conv2d: A is a conv with the base's kernel and stride, B a 1x1 conv."""
+
+    def __init__(self, base: nn.Conv2d):
+        if base.groups != 1 or base.dilation != (1, 1):
+            raise ValueError(
+                f"LoRA on Conv2d supports groups=1 and dilation=1; this layer has groups={base.groups}, "
+                f"dilation={base.dilation}. Leave it out of target_modules."
+            )
+        super().__init__(base)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create_adapter(self, name, r, init) -> None:
+        base = self.base_layer
+        self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False)
+        self.lora_B[name] = nn.Conv2d(r, base.out_channels, 1, 1, bias=False)
+        _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, r, init)
+
+    def adapter_output(self, x, name, base_out):
+        A, B = self.lora_A[name], self.lora_B[name]
+        return B(A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]
+
+    def delta_weight(self, name):
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        # Composing conv A (kernel k) with 1x1 conv B is one conv with kernel k: sum_r B[o,r] A[r,i,:,:].
+        return torch.einsum("or,rikl->oikl", B[:, :, 0, 0], A) * self.scaling[name]
+
+
+def lora_layer_class(module: nn.Module) -> type[LoraLayer] | None:
+    """The LoRA layer type that can wrap `module`, or None if LoRA cannot target it."""
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return LoraLinear
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding
+    if isinstance(module, nn.Conv2d):
+        return LoraConv2d
+    return None
+
+
+class ModulesToSave(WrapsBase):
+    """A module trained in full per adapter: the original stays frozen, each adapter owns a copy."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__(original)
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.base_layer)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def forward(self, *args, **kwargs):
+        if self.disabled or self.active_adapter not in self.modules_to_save:
+            return self.base_layer(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
