@@ -2,21 +2,26 @@
 
 Keys are exactly PEFT's: `base_model.model.<module path>.lora_A.weight` (adapter name dropped),
 `lora_embedding_A`, `lora_magnitude_vector`, `<path>.base_layer.bias` for a LoRA layer's bias,
+`<path>.base_layer.weight` for targeted embed_tokens / lm_head (as PEFT's save_embedding_layers="auto"),
 and modules_to_save copies at the module's plain path.
 """
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .inject import LoraModel, is_adapter_internal
+from .layers import LoraLayer
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 def adapter_slots(lora_model: LoraModel, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -29,19 +34,50 @@ def adapter_slots(lora_model: LoraModel, adapter_name: str) -> dict[str, torch.T
             slots[".".join([f"{PREFIX}{path}", container, *rest])] = param
     if config.bias != "none":
         layer_paths = {p for p, layer in lora_model.lora_layers() if adapter_name in layer.r}
+        saved_paths = [p for p, _ in lora_model.saved_modules()]
+        own_copy = f"modules_to_save.{adapter_name}."
         for name, param in lora_model.model.named_parameters():
             owner = name.rpartition(".")[0]
-            if not name.endswith("bias") or is_adapter_internal(name):
+            if not (name == "bias" or name.endswith(".bias")):
+                continue
+            saved_in = next((p for p in saved_paths if name.startswith(f"{p}.")), None)
+            if saved_in is not None:  # PEFT's bias="all" names the wrapper's original and copy biases too
+                rest = name[len(saved_in) + 1:]
+                if config.bias == "all" and not rest.startswith("modules_to_save."):
+                    slots[f"{PREFIX}{saved_in}.original_module.{rest}"] = param
+                elif config.bias == "all" and rest.startswith(own_copy):
+                    slots[f"{PREFIX}{saved_in}.modules_to_save.{rest[len(own_copy):]}"] = param
+                continue
+            if is_adapter_internal(name):
                 continue
             if owner in layer_paths:
                 slots[f"{PREFIX}{owner}.base_layer.bias"] = param
             elif config.bias == "all":
                 slots[f"{PREFIX}{name}"] = param
+    for path in _saved_embedding_paths(lora_model, config):
+        for key, tensor in lora_model.model.get_submodule(path).base_layer.state_dict(keep_vars=True).items():
+            slots[f"{PREFIX}{path}.base_layer.{key}"] = tensor
     for path, module in lora_model.saved_modules():
         if adapter_name in module.modules_to_save:
             for key, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
                 slots[f"{PREFIX}{path}.{key}"] = tensor
     return slots
+
+
+def _saved_embedding_paths(lora_model: LoraModel, config) -> list[str]:
+    """PEFT's save_embedding_layers="auto": if target_modules names embed_tokens or lm_head, the base
+    weights of the model's LoRA-wrapped input / output embeddings go into the file too."""
+    model, targets = lora_model.model, config.target_modules
+    if isinstance(targets, str):
+        targeted = any(re.fullmatch(targets, n) for n, _ in model.named_modules()
+                       if re.match(rf"(.*\.)?({'|'.join(EMBEDDING_LAYER_NAMES)})$", n))
+    else:
+        targeted = any(e in (targets or []) for e in EMBEDDING_LAYER_NAMES)
+    if not targeted or not hasattr(model, "get_input_embeddings"):
+        return []
+    embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return [n for n, m in model.named_modules() if isinstance(m, LoraLayer)
+            and isinstance(m.base_layer, (nn.Linear, nn.Embedding)) and any(m is e for e in embeddings)]
 
 
 def adapter_state_dict(lora_model: LoraModel, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -53,7 +89,12 @@ def save_adapter(lora_model: LoraModel, directory: str | os.PathLike, adapter_na
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, WEIGHTS_NAME)
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file(adapter_state_dict(lora_model, adapter_name), tmp, metadata={"format": "pt"})
+    state, storages = adapter_state_dict(lora_model, adapter_name), set()
+    for key, tensor in state.items():  # safetensors refuses tensors sharing memory (tied weights); PEFT clones too
+        storage = tensor.untyped_storage().data_ptr()
+        state[key] = tensor.clone() if storage in storages else tensor
+        storages.add(storage)
+    save_file(state, tmp, metadata={"format": "pt"})
     os.replace(tmp, path)
     lora_model.peft_config[adapter_name].save_pretrained(directory)
 
@@ -90,7 +131,7 @@ def load_adapter_weights(lora_model: LoraModel, adapter_name: str, tensors: dict
     slots = adapter_slots(lora_model, adapter_name)
     tensors = {_normalise_key(k): v for k, v in tensors.items()}
     unexpected = sorted(set(tensors) - set(slots))
-    missing = sorted(k for k in set(slots) - set(tensors) if not k.endswith("bias"))
+    missing = sorted(k for k in set(slots) - set(tensors) if not k.endswith("bias") and ".base_layer." not in k)
     if unexpected or missing:
         raise ValueError(
             f"adapter {source} does not fit this model ({type(lora_model.model).__name__}): "

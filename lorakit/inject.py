@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import difflib
 import re
+import warnings
 from typing import Iterator
 
 from torch import nn
@@ -158,8 +159,9 @@ class LoraModel(nn.Module):
         targets = resolve_targets(self.model, config)
         for name in targets:
             self._add_to_layer(name, adapter_name, config)
-        if any(getattr(self.model.get_submodule(n), "fan_in_fan_out", False) for n in targets):
-            config.fan_in_fan_out = True  # GPT-2 Conv1D weights; PEFT records it the same way
+        for layer in (self.model.get_submodule(n) for n in targets):  # recorded as PEFT does: each Linear
+            if isinstance(layer, LoraLinear):  # (False) or GPT-2 Conv1D (True) target sets it, the last one stays
+                config.fan_in_fan_out = layer.fan_in_fan_out
         for name in self._saved_module_names(config):
             module = self.model.get_submodule(name)
             if not isinstance(module, ModulesToSave):
@@ -167,7 +169,8 @@ class LoraModel(nn.Module):
                 _replace_module(self.model, name, module)
             module.add_adapter(adapter_name)
         self.peft_config[adapter_name] = config
-        self._freeze_base(config, targets)
+        if not self.active_adapters:  # as PEFT: an added (inactive) adapter's `bias` makes nothing trainable
+            self._freeze_base(config, targets)
         self._refresh_trainable()
 
     def _complete_config(self, config: LoraConfig) -> LoraConfig:
@@ -214,10 +217,11 @@ class LoraModel(nn.Module):
                 p.requires_grad_(False)
         if config.inference_mode or config.bias == "none":
             return
+        saved = tuple(f"{n}." for n, _ in self.saved_modules())  # as PEFT: their originals stay frozen
         for name, p in self.model.named_parameters():
             owner = name.rpartition(".")[0]
-            if name.endswith("bias") and not is_adapter_internal(name) and (
-                    config.bias == "all" or owner in targets):
+            if (name == "bias" or name.endswith(".bias")) and not is_adapter_internal(name) \
+                    and not name.startswith(saved) and (config.bias == "all" or owner in targets):
                 p.requires_grad_(True)
 
     def _refresh_trainable(self) -> None:
@@ -239,6 +243,11 @@ class LoraModel(nn.Module):
         """Make these adapters the active ones (their outputs add up); only they train."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._check_exists(names)
+        merged = [layer for _, layer in self.lora_layers() if layer.merged_adapters]
+        if merged:  # as PEFT: a merged adapter would otherwise stay in the weights beside the new active ones
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
+            for layer in merged:
+                layer.unmerge()
         self.active_adapters = names
         self._refresh_trainable()
 
@@ -250,6 +259,10 @@ class LoraModel(nn.Module):
             module.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
         remaining = [a for a in self.active_adapters if a != adapter_name]
+        if not remaining and adapter_name in self.active_adapters and self.peft_config:
+            remaining = [sorted(self.peft_config)[0]]  # as PEFT: the first remaining adapter by name takes over
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. "
+                          f"Setting active adapter to {remaining[0]}.", stacklevel=2)
         self.active_adapters = remaining
         self._refresh_trainable()
 

@@ -97,8 +97,8 @@ class LoraLayer(WrapsBase):
         result = base_out
         for name in self.active_adapters:
             if name in self.r and name not in self.merged_adapters:
-                result = result + self.adapter_output(x, name, base_out).to(base_out.dtype)
-        return result
+                result = result + self.adapter_output(x, name, base_out)  # summed in fp32 over a half base
+        return result.to(base_out.dtype)
 
     # --- merge ----------------------------------------------------------------------------
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
@@ -168,7 +168,7 @@ class LoraLinear(LoraLayer):
         if use_dora:
             with torch.no_grad():
                 norm = self._weight_norm(self.delta_weight_out_in(name))
-            self.lora_magnitude_vector[name] = nn.Parameter(norm)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(self.lora_A[name].weight.dtype))
 
     def _create_adapter(self, name, r, init) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)

@@ -17,6 +17,9 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default"):
         super().__init__()
         self.base_model = LoraModel(model, peft_config, adapter_name)
+        if hasattr(model, "enable_input_require_grads") and any(
+                getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
 
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)
@@ -110,6 +113,8 @@ class PeftModel(nn.Module):
         except ValueError as err:
             raise ValueError(f"adapter {os.fspath(directory)!r} does not fit this model: {err}") from err
         checkpoint.load_adapter_weights(peft_model.base_model, adapter_name, tensors, os.fspath(directory))
+        if not is_trainable:
+            peft_model.eval()
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,

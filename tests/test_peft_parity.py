@@ -1,0 +1,380 @@
+"""Cross-checks against Hugging Face PEFT itself: adapter files both ways, file format, training
+numerics and merging. PEFT is a test dependency only; lorakit never imports it."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import peft
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import lorakit
+from conftest import ARCHS, build_model, model_inputs
+
+ATOL = 1e-5
+
+
+# --- models and inputs ------------------------------------------------------------------------
+class TinyConvNet(nn.Module):
+    """A custom (non-transformers) model with Conv2d layers: kernel 3, 1x1, and a strided kernel 3, and a
+    parameter whose name ends in "bias" without being a `.bias` (PEFT's bias="all" leaves it alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.conv3 = nn.Conv2d(8, 6, 3, stride=2, padding=1)
+        self.head = nn.Linear(6, 3)
+        self.logit_bias = nn.Parameter(torch.zeros(3))
+
+    def forward(self, pixel_values):
+        h = torch.relu(self.conv1(pixel_values))
+        h = torch.relu(self.conv2(h))
+        h = self.conv3(h)
+        return self.head(h.mean(dim=(2, 3))) + self.logit_bias
+
+
+def build(arch: str, seed: int = 0) -> nn.Module:
+    """The same base weights every call (for a given seed). Biases are made nonzero (transformers
+    initialises them to 0), so code that mishandles a layer's bias (DoRA, bias=...) shows."""
+    if arch == "conv":
+        torch.manual_seed(seed)
+        model = TinyConvNet().eval()
+    else:
+        model = build_model(arch, seed)
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def inputs_for(arch: str) -> dict[str, torch.Tensor]:
+    return model_inputs("vit" if arch == "conv" else arch)
+
+
+def output(model, inputs) -> torch.Tensor:
+    out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+# --- the configurations checked ---------------------------------------------------------------
+# name -> (architecture, LoraConfig kwargs (the same for lorakit and PEFT), adapter name)
+CASES: dict[str, tuple[str, dict, str]] = {
+    **{f"arch-{a}": (a, dict(r=4, lora_alpha=8, init_lora_weights=False,
+                             # PEFT has no default target_modules for ViT; the others use the default
+                             target_modules=["q_proj", "v_proj"] if a == "vit" else None), "default")
+       for a in ARCHS},
+    "embedding": ("llama", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]), "default"),
+    # GPT-2 ties lm_head to wte: PEFT then saves both (shared) base weights, which safetensors needs unaliased
+    "tied-embeddings": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["wte", "lm_head", "c_attn"]), "default"),
+    "conv2d": ("conv", dict(r=3, lora_alpha=6, target_modules=["conv1", "conv2", "conv3"]), "default"),
+    "rslora": ("llama", dict(r=4, lora_alpha=16, use_rslora=True, init_lora_weights=False,
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), "default"),
+    "dora-linear": ("llama", dict(r=4, lora_alpha=8, use_dora=True,
+                                  target_modules=["q_proj", "v_proj", "down_proj"]), "default"),
+    "dora-biased-linear": ("qwen2", dict(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+                                         target_modules=["q_proj", "k_proj", "v_proj"]), "default"),
+    "dora-conv1d": ("gpt2", dict(r=4, lora_alpha=8, use_dora=True, target_modules=["c_attn", "c_proj"]), "default"),
+    "patterns": ("llama", dict(r=4, lora_alpha=8, init_lora_weights=False,
+                               target_modules=["q_proj", "v_proj", "o_proj"],
+                               rank_pattern={"q_proj": 2, "layers.1.self_attn.v_proj": 6},
+                               alpha_pattern={"o_proj": 3, "layers.0.self_attn.q_proj": 5}), "default"),
+    "seq-cls": ("bert", dict(r=4, lora_alpha=8, task_type="SEQ_CLS"), "default"),
+    "modules-to-save": ("vit", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                    modules_to_save=["classifier"]), "default"),
+    "bias-all": ("bert", dict(r=4, lora_alpha=8, bias="all", target_modules=["query", "value"]), "default"),
+    "bias-lora-only": ("bert", dict(r=4, lora_alpha=8, bias="lora_only", target_modules=["query", "value"]),
+                       "default"),
+    "adapter-name": ("llama", dict(r=4, lora_alpha=8, init_lora_weights=False), "other"),
+    "all-linear-llama": ("llama", dict(r=2, lora_alpha=4, target_modules="all-linear"), "default"),
+    "all-linear-gpt2": ("gpt2", dict(r=2, lora_alpha=4, target_modules="all-linear"), "default"),
+    "all-linear-bert-cls": ("bert", dict(r=2, lora_alpha=4, target_modules="all-linear", task_type="SEQ_CLS"),
+                            "default"),
+    "layers-to-transform": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                          layers_to_transform=[1], layers_pattern="layers"), "default"),
+    "layers-to-transform-int": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                             layers_to_transform=0), "default"),
+    "regex-targets": ("llama", dict(r=4, lora_alpha=8, target_modules=r".*\.layers\.1\..*(q_proj|up_proj)"),
+                      "default"),
+    "exclude-modules": ("qwen2", dict(r=4, lora_alpha=8, target_modules="all-linear",
+                                      exclude_modules=["down_proj", "o_proj"]), "default"),
+    "bias-all-conv": ("conv", dict(r=3, lora_alpha=6, bias="all", target_modules=["conv1", "conv3"]), "default"),
+    "bias-all-seq-cls": ("bert", dict(r=4, lora_alpha=8, bias="all", task_type="SEQ_CLS"), "default"),
+    "gaussian-init-dropout": ("qwen2", dict(r=4, lora_alpha=8, init_lora_weights="gaussian", lora_dropout=0.1),
+                              "default"),
+}
+
+
+def make(lib: str, arch: str, cfg: dict, adapter_name: str):
+    """get_peft_model from lorakit or PEFT on a fresh base model."""
+    mod = lorakit if lib == "lorakit" else peft
+    config = mod.LoraConfig(**{"lora_dropout": 0.0, **cfg})
+    return mod.get_peft_model(build(arch), config, adapter_name=adapter_name)
+
+
+def load(lib: str, arch: str, directory: str, adapter_name: str):
+    """PeftModel.from_pretrained of lorakit or PEFT on a fresh base model."""
+    mod = lorakit if lib == "lorakit" else peft
+    subfolder = None if adapter_name == "default" else adapter_name
+    return mod.PeftModel.from_pretrained(build(arch), directory, adapter_name=adapter_name, subfolder=subfolder)
+
+
+def train(model, inputs, steps: int = 2, lr: float = 1e-2) -> list[float]:
+    """A few AdamW steps on a scalar of the output: every trainable tensor moves off its init."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params, "nothing to train"
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = (output(model, inputs) - 0.5).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _normalised_trainables(model) -> dict[str, nn.Parameter]:
+    """Trainable parameters keyed alike for both libraries (PEFT's base_layer hop and the
+    `.weight` of its DoRA magnitude module removed)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        name = name.replace(".base_layer.", ".")
+        if "lora_magnitude_vector" in name and name.endswith(".weight"):
+            name = name[: -len(".weight")]
+        out[name] = p
+    return out
+
+
+def adapter_dir(root, adapter_name: str) -> str:
+    return str(root) if adapter_name == "default" else os.path.join(str(root), adapter_name)
+
+
+def read_tensors(directory: str) -> dict[str, torch.Tensor]:
+    with safe_open(os.path.join(directory, "adapter_model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def read_config(directory: str) -> dict:
+    with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+# --- 1 & 2: adapters saved by one library load in the other and compute the same ----------------
+@pytest.mark.parametrize("direction", ["lorakit->peft", "peft->lorakit"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_adapter_roundtrip_between_libraries(case, direction, tmp_path):
+    arch, cfg, adapter_name = CASES[case]
+    writer, reader = direction.split("->")
+    inputs = inputs_for(arch)
+    with torch.no_grad():
+        base_out = output(build(arch), inputs)
+
+    source = make(writer, arch, cfg, adapter_name)
+    train(source, inputs)
+    source.eval()
+    with torch.no_grad():
+        expected = output(source, inputs)
+    # the adapter really changes the model, far beyond the tolerance, so a loader that drops it fails
+    assert (expected - base_out).abs().max() > 20 * ATOL
+
+    source.save_pretrained(tmp_path)
+    saved = adapter_dir(tmp_path, adapter_name)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(saved))  # PEFT adds a README
+    if adapter_name != "default":
+        assert not os.path.exists(tmp_path / "adapter_config.json")
+
+    loaded = load(reader, arch, str(tmp_path), adapter_name)
+    assert loaded.active_adapter == adapter_name
+    with torch.no_grad():
+        got = output(loaded, inputs)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("direction", ["lorakit->peft", "peft->lorakit"])
+def test_targeted_embedding_base_weights_travel_like_peft(direction, tmp_path):
+    """PEFT saves (and loads) the base weight of a targeted embed_tokens (save_embedding_layers="auto"),
+    e.g. after the vocabulary was edited; the reader must put it back into the base model."""
+    writer, reader = direction.split("->")
+    arch, cfg, _ = CASES["embedding"]
+    inputs = inputs_for(arch)
+    source = make(writer, arch, cfg, "default")
+    train(source, inputs)
+    with torch.no_grad():
+        source.get_input_embeddings().base_layer.weight.add_(0.5)  # the base embedding itself was changed
+        expected = output(source.eval(), inputs)
+    source.save_pretrained(tmp_path)
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in read_tensors(str(tmp_path))
+    loaded = load(reader, arch, str(tmp_path), "default")
+    with torch.no_grad():
+        torch.testing.assert_close(output(loaded, inputs), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("direction", ["lorakit->peft", "peft->lorakit"])
+def test_two_adapters_saved_together(direction, tmp_path):
+    """'default' at the top of the folder and a second adapter in its subfolder, each loading and
+    computing the same in the other library (with only that adapter active)."""
+    writer, reader = direction.split("->")
+    w, r = (lorakit if lib == "lorakit" else peft for lib in (writer, reader))
+    inputs = inputs_for("llama")
+    first = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+    second = dict(r=2, lora_alpha=8, init_lora_weights=False, use_rslora=True, target_modules=["k_proj", "o_proj"])
+    source = w.get_peft_model(build("llama"), w.LoraConfig(**first))
+    source.add_adapter("other", w.LoraConfig(**second))
+    expected = {}
+    with torch.no_grad():
+        for name in ("default", "other"):
+            source.set_adapter(name)
+            expected[name] = output(source.eval(), inputs)
+    assert (expected["default"] - expected["other"]).abs().max() > 20 * ATOL
+    source.save_pretrained(tmp_path)
+    assert os.path.isfile(tmp_path / "adapter_config.json")
+    assert os.path.isfile(tmp_path / "other" / "adapter_config.json")
+
+    loaded = r.PeftModel.from_pretrained(build("llama"), str(tmp_path))
+    loaded.load_adapter(str(tmp_path), adapter_name="other", subfolder="other")
+    with torch.no_grad():
+        for name in ("default", "other"):
+            loaded.set_adapter(name)
+            torch.testing.assert_close(output(loaded.eval(), inputs), expected[name], atol=ATOL, rtol=0)
+
+
+# --- 3: the files themselves ----------------------------------------------------------------------
+def _peft_and_lorakit_files(case, tmp_path):
+    arch, cfg, adapter_name = CASES[case]
+    dirs, models = {}, {}
+    for lib in ("lorakit", "peft"):
+        models[lib] = make(lib, arch, cfg, adapter_name)
+        models[lib].save_pretrained(tmp_path / lib)
+        dirs[lib] = adapter_dir(tmp_path / lib, adapter_name)
+    return dirs, models
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_saved_files_and_trainables_match_peft(case, tmp_path):
+    dirs, models = _peft_and_lorakit_files(case, tmp_path)
+
+    # the same parameters train (adapters, DoRA magnitudes, biases per `bias`, modules_to_save copies)
+    trainable = {lib: {k: tuple(p.shape) for k, p in _normalised_trainables(m).items()} for lib, m in models.items()}
+    assert trainable["lorakit"] == trainable["peft"]
+
+    # same tensor names, shapes and dtypes
+    ours, theirs = read_tensors(dirs["lorakit"]), read_tensors(dirs["peft"])
+    assert sorted(ours) == sorted(theirs)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in ours.items()} == \
+           {k: (tuple(v.shape), v.dtype) for k, v in theirs.items()}
+
+    # adapter_config.json: PEFT reads lorakit's, and the shared fields agree
+    peft_cfg = peft.LoraConfig.from_pretrained(dirs["lorakit"])
+    assert isinstance(peft_cfg, peft.LoraConfig)
+    ours_json, theirs_json = read_config(dirs["lorakit"]), read_config(dirs["peft"])
+    set_fields = {"target_modules", "exclude_modules", "modules_to_save"}
+    diffs = {}
+    for key in sorted(set(ours_json) & set(theirs_json)):
+        if key == "peft_version":
+            continue
+        a, b = ours_json[key], theirs_json[key]
+        if key in set_fields and isinstance(a, list) and isinstance(b, list):
+            a, b = sorted(a), sorted(b)
+        if a != b:
+            diffs[key] = (a, b)
+    assert not diffs, f"adapter_config.json fields lorakit vs PEFT: {diffs}"
+    # and PEFT's parsed view of lorakit's file equals its parsed view of its own
+    peft_own = peft.LoraConfig.from_pretrained(dirs["peft"])
+    for key in ("r", "lora_alpha", "use_rslora", "use_dora", "bias", "rank_pattern", "alpha_pattern",
+                "fan_in_fan_out", "task_type", "layers_to_transform", "layers_pattern"):
+        assert getattr(peft_cfg, key) == getattr(peft_own, key), key
+    assert set(peft_cfg.target_modules) == set(peft_own.target_modules)
+
+
+def test_lorakit_reads_every_field_peft_writes(tmp_path):
+    """No field of PEFT's adapter_config.json is unknown to lorakit (it would warn and drop it)."""
+    peft.get_peft_model(build("llama"), peft.LoraConfig(r=2)).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = lorakit.LoraConfig.from_pretrained(tmp_path)
+    assert config.r == 2 and set(config.target_modules) == {"q_proj", "v_proj"}
+
+
+# --- 4: training numerics -------------------------------------------------------------------------
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_training_losses_match_peft(use_dora):
+    cfg = dict(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, use_dora=use_dora,
+               target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    torch.manual_seed(123)
+    theirs = peft.get_peft_model(build("llama"), peft.LoraConfig(**cfg))
+    ours = lorakit.get_peft_model(build("llama"), lorakit.LoraConfig(**cfg))
+    p_theirs, p_ours = _normalised_trainables(theirs), _normalised_trainables(ours)
+    assert sorted(p_theirs) == sorted(p_ours)
+    assert {k: p.shape for k, p in p_theirs.items()} == {k: p.shape for k, p in p_ours.items()}
+    with torch.no_grad():
+        for k, p in p_ours.items():
+            p.copy_(p_theirs[k])
+    theirs.train()
+    ours.train()
+
+    g = torch.Generator().manual_seed(5)
+    batch = torch.randint(0, 96, (2, 12), generator=g)
+    opts = [torch.optim.AdamW(p.values(), lr=1e-2) for p in (p_theirs, p_ours)]
+    losses = {"peft": [], "lorakit": []}
+    for _ in range(5):
+        for name, model, opt in (("peft", theirs, opts[0]), ("lorakit", ours, opts[1])):
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert losses["lorakit"] == pytest.approx(losses["peft"], rel=1e-4)
+    assert abs(losses["peft"][-1] - losses["peft"][0]) > 1e-3  # training did move the loss
+    for k in p_ours:
+        torch.testing.assert_close(p_ours[k], p_theirs[k], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dora_initial_magnitude_matches_peft(arch):
+    """DoRA's magnitude starts as the row norms of W (B = 0), for Linear and transposed Conv1D."""
+    cfg = dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"] if arch == "llama"
+               else ["c_attn", "c_proj"])
+    ours = _normalised_trainables(lorakit.get_peft_model(build(arch), lorakit.LoraConfig(**cfg)))
+    theirs = _normalised_trainables(peft.get_peft_model(build(arch), peft.LoraConfig(**cfg)))
+    mags = sorted(k for k in ours if "lora_magnitude_vector" in k)
+    assert mags and mags == sorted(k for k in theirs if "lora_magnitude_vector" in k)
+    for k in mags:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=0)
+
+
+# --- 5: merge_and_unload --------------------------------------------------------------------------
+MERGE_CASES = ["arch-llama", "arch-gpt2", "arch-bert", "embedding", "conv2d", "rslora", "dora-linear",
+               "dora-biased-linear", "dora-conv1d", "patterns", "seq-cls", "bias-all"]
+
+
+@pytest.mark.parametrize("case", MERGE_CASES)
+def test_merge_and_unload_matches_peft(case, tmp_path):
+    arch, cfg, adapter_name = CASES[case]
+    inputs = inputs_for(arch)
+    source = make("peft", arch, cfg, adapter_name)
+    train(source, inputs)
+    source.eval()
+    source.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(build(arch), str(tmp_path)).merge_and_unload()
+    ours = lorakit.PeftModel.from_pretrained(build(arch), str(tmp_path)).merge_and_unload()
+    assert type(ours) is type(theirs)
+
+    sd_ours, sd_theirs = ours.state_dict(), theirs.state_dict()
+    assert sorted(sd_ours) == sorted(sd_theirs)
+    assert not [k for k in sd_ours if "lora_" in k or "base_layer" in k or "modules_to_save" in k]
+    for k in sd_ours:
+        torch.testing.assert_close(sd_ours[k], sd_theirs[k], atol=ATOL, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    assert not any(isinstance(m, lorakit.LoraLayer) for m in ours.modules())
+    with torch.no_grad():
+        out_ours, out_theirs, out_base = output(ours, inputs), output(theirs, inputs), output(build(arch), inputs)
+    torch.testing.assert_close(out_ours, out_theirs, atol=ATOL, rtol=0)
+    assert (out_ours - out_base).abs().max() > 20 * ATOL
