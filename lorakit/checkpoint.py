@@ -112,7 +112,8 @@ def read_adapter_file(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(f"{bin_path}: cannot be read as a weights-only torch file ({err}); "
+            reason = str(err).strip().splitlines()[0]  # torch's advice to drop weights_only does not apply
+            raise ValueError(f"{bin_path}: cannot be read as a weights-only torch file ({reason}); "
                              "lorakit never unpickles arbitrary objects: convert it to safetensors") from err
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{bin_path}: expected a dict of tensors")

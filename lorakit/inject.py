@@ -16,8 +16,8 @@ from .layers import LoraLayer, LoraLinear, ModulesToSave, is_conv1d, lora_layer_
 # q,v (or the fused qkv) per architecture when target_modules is not given, as PEFT defaults.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "opt",
-                     "gptj", "gpt_neo", "bart", "stablelm"], ["q_proj", "v_proj"]),
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "vit"], ["query", "value"]),
+                     "gptj", "gpt_neo", "bart", "stablelm", "vit"], ["q_proj", "v_proj"]),
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra"], ["query", "value"]),
     **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]),
     **dict.fromkeys(["bloom", "gpt_neox", "falcon"], ["query_key_value"]),
     **dict.fromkeys(["t5", "mt5"], ["q", "v"]),

@@ -1,0 +1,167 @@
+"""Bad input: each a clear error naming what is wrong and what would be accepted; nothing half-done."""
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import build_model, model_inputs, model_output
+from lorakit import LoraConfig, PeftModel, get_peft_model
+
+
+def _saved_adapter(tmp_path, arch="llama", **config):
+    model = get_peft_model(build_model(arch), LoraConfig(r=4, target_modules="all-linear",
+                                                         init_lora_weights=False, **config))
+    model.save_pretrained(tmp_path / "adapter")
+    return model, tmp_path / "adapter"
+
+
+def test_misspelled_target_module_lists_candidates_and_suggests():
+    with pytest.raises(ValueError, match=r"\['q_prj'\] match no module.*'q_proj'.*did you mean \['q_proj'"):
+        get_peft_model(build_model("llama"), LoraConfig(target_modules=["q_prj", "v_proj"]))
+
+
+def test_regex_matching_nothing_lists_candidates():
+    with pytest.raises(ValueError, match=r"matched no module.*Modules LoRA can target here: \[.*'v_proj'"):
+        get_peft_model(build_model("llama"), LoraConfig(target_modules=r".*\.nothing"))
+
+
+def test_untargetable_module_type_is_named():
+    with pytest.raises(ValueError, match=r"'model.layers.0.input_layernorm' is a LlamaRMSNorm; LoRA can target"):
+        get_peft_model(build_model("llama"), LoraConfig(target_modules=["input_layernorm"]))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"r": 0}, r"r must be a positive integer .* got 0"),
+    ({"r": -3}, r"r must be a positive integer"),
+    ({"r": 2.5}, r"r must be a positive integer .* got 2.5"),
+    ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive integer"),
+    ({"bias": "some"}, r"bias must be one of \('none', 'all', 'lora_only'\)"),
+    ({"init_lora_weights": "pissa"}, r"init_lora_weights must be True, False or 'gaussian'"),
+    ({"lora_dropout": 1.5}, r"lora_dropout must be in \[0, 1\)"),
+    ({"task_type": "CHAT"}, r"task_type must be one of"),
+])
+def test_invalid_config_values(fields, message):
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(**fields)
+
+
+def test_adapter_with_other_dimensions_names_module_and_shapes(tmp_path):
+    import transformers as tf
+
+    _, adapter = _saved_adapter(tmp_path)
+    wider = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=48,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ValueError, match=r"model.layers.0.*lora_B.weight has shape \(32, 4\) in the file but \(48, 4\) in the model"):
+        PeftModel.from_pretrained(wider, adapter)
+
+
+def test_adapter_for_another_architecture(tmp_path):
+    _, adapter = _saved_adapter(tmp_path, arch="gpt2")
+    with pytest.raises(ValueError, match=r"does not fit this model.*match no module"):
+        PeftModel.from_pretrained(build_model("llama"), adapter)
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated"])
+def test_corrupt_safetensors(tmp_path, damage):
+    _, adapter = _saved_adapter(tmp_path)
+    path = adapter / "adapter_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(os.urandom(len(data)) if damage == "random" else data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: corrupt or truncated safetensors file"):
+        PeftModel.from_pretrained(build_model("llama"), adapter)
+
+
+def test_missing_config_and_missing_folder(tmp_path):
+    _, adapter = _saved_adapter(tmp_path)
+    os.remove(adapter / "adapter_config.json")
+    with pytest.raises(FileNotFoundError, match=r"no adapter_config.json in .*adapter_model.safetensors"):
+        PeftModel.from_pretrained(build_model("llama"), adapter)
+    with pytest.raises(FileNotFoundError, match=r"adapter folder .*nowhere.* does not exist"):
+        PeftModel.from_pretrained(build_model("llama"), tmp_path / "nowhere")
+
+
+def test_invalid_json_config(tmp_path):
+    _, adapter = _saved_adapter(tmp_path)
+    (adapter / "adapter_config.json").write_text("{ not json")
+    with pytest.raises(ValueError, match=r"adapter_config.json: not valid JSON"):
+        PeftModel.from_pretrained(build_model("llama"), adapter)
+
+
+def test_unknown_config_field_warns_and_still_loads(tmp_path):
+    trained, adapter = _saved_adapter(tmp_path)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "future_option": 3}))
+    with pytest.warns(UserWarning, match=r"ignoring unknown LoraConfig field 'future_option'"):
+        loaded = PeftModel.from_pretrained(build_model("llama"), adapter)
+    inputs = model_inputs("llama")
+    assert torch.allclose(model_output(loaded, inputs), model_output(trained.eval(), inputs), atol=1e-6)
+
+
+def test_unsupported_peft_feature_is_refused_by_name(tmp_path):
+    _, adapter = _saved_adapter(tmp_path)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_qalora": True}))
+    with pytest.raises(ValueError, match=r"use_qalora=True is a PEFT feature lorakit does not support"):
+        PeftModel.from_pretrained(build_model("llama"), adapter)
+
+
+def test_unknown_adapter_names():
+    model = get_peft_model(build_model("llama"), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"no adapter named 'other'; this model has \['default'\]"):
+        model.set_adapter("other")
+    with pytest.raises(ValueError, match=r"no adapter named 'other'"):
+        model.delete_adapter("other")
+    with pytest.raises(ValueError, match=r"adapter 'default' already exists"):
+        model.add_adapter("default", LoraConfig(target_modules=["q_proj"]))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_bin_adapter_is_never_unpickled(tmp_path):
+    trained, adapter = _saved_adapter(tmp_path)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    os.remove(adapter / "adapter_model.safetensors")
+    torch.save(tensors, adapter / "adapter_model.bin")
+    loaded = PeftModel.from_pretrained(build_model("llama"), adapter)
+    inputs = model_inputs("llama")
+    assert torch.allclose(model_output(loaded, inputs), model_output(trained.eval(), inputs), atol=1e-6)
+
+    with open(adapter / "adapter_model.bin", "wb") as f:
+        pickle.dump({"x": _Payload()}, f)
+    with pytest.raises(ValueError, match=r"cannot be read as a weights-only torch file.*never unpickles"):
+        PeftModel.from_pretrained(build_model("llama"), adapter)
+
+
+def test_failed_load_adapter_leaves_model_unchanged(tmp_path):
+    model, adapter = _saved_adapter(tmp_path)
+    save_file({"nonsense": torch.zeros(2)}, adapter / "adapter_model.safetensors")
+    keys = set(model.state_dict())
+    with pytest.raises(ValueError, match=r"does not fit this model"):
+        model.load_adapter(adapter, adapter_name="broken")
+    assert set(model.state_dict()) == keys and list(model.peft_config) == ["default"]
+
+
+def test_save_onto_a_file_is_refused(tmp_path):
+    model = get_peft_model(build_model("llama"), LoraConfig(target_modules=["q_proj"]))
+    target = tmp_path / "file"
+    target.write_text("keep me")
+    with pytest.raises(ValueError, match=r"is a file; give a folder"):
+        model.save_pretrained(target)
+    assert target.read_text() == "keep me"
+
+
+def test_safe_merge_refuses_nan_and_keeps_weights():
+    model = get_peft_model(build_model("llama"), LoraConfig(target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    before = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.lora_B["default"].weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"NaN/Inf .*refusing \(safe_merge\)"):
+        model.merge_and_unload(safe_merge=True)
+    assert torch.equal(layer.weight, before)
