@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .inject import LoraModel, is_adapter_internal
+from .inject import LoraModel, is_adapter_internal, is_bias
 from .layers import LoraLayer
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,7 +38,7 @@ def adapter_slots(lora_model: LoraModel, adapter_name: str) -> dict[str, torch.T
         own_copy = f"modules_to_save.{adapter_name}."
         for name, param in lora_model.model.named_parameters():
             owner = name.rpartition(".")[0]
-            if not (name == "bias" or name.endswith(".bias")):
+            if not is_bias(name):
                 continue
             saved_in = next((p for p in saved_paths if name.startswith(f"{p}.")), None)
             if saved_in is not None:  # PEFT's bias="all" names the wrapper's original and copy biases too

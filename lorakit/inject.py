@@ -62,6 +62,11 @@ def is_adapter_internal(name: str) -> bool:
     return bool(re.search(r"(^|\.)(lora_[A-Za-z_]+|modules_to_save)(\.|$)", name))
 
 
+def is_bias(name: str) -> bool:
+    """A parameter named `bias` (not `q_bias` or `logit_bias`), as PEFT's bias modes read it."""
+    return name == "bias" or name.endswith(".bias")
+
+
 def all_linear_names(model: nn.Module, config: LoraConfig) -> list[str]:
     """'all-linear': every Linear / Conv1D except the output head (as PEFT expands it)."""
     names = {n for n, m in model.named_modules()
@@ -220,7 +225,7 @@ class LoraModel(nn.Module):
         saved = tuple(f"{n}." for n, _ in self.saved_modules())  # as PEFT: their originals stay frozen
         for name, p in self.model.named_parameters():
             owner = name.rpartition(".")[0]
-            if (name == "bias" or name.endswith(".bias")) and not is_adapter_internal(name) \
+            if is_bias(name) and not is_adapter_internal(name) \
                     and not name.startswith(saved) and (config.bias == "all" or owner in targets):
                 p.requires_grad_(True)
 

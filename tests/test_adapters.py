@@ -311,16 +311,21 @@ MERGE_UNLOAD_CASES = {
 }
 
 
+def shift_biases(model, amount):
+    """Move every bias off its zero init so that bias handling shows in the outputs."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.add_(amount)
+
+
 @pytest.mark.parametrize("case", list(MERGE_UNLOAD_CASES))
 def test_merge_and_unload_gives_plain_model_with_same_output(case):
     arch, cfg = MERGE_UNLOAD_CASES[case]
     model = make(arch, **{"init_lora_weights": False, **cfg})
     randomize(model, "default", scale=0.2)
     if cfg.get("bias") == "all":
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith(".bias"):
-                    p.add_(0.1)
+        shift_biases(model, 0.1)
     expected = run(model, arch)
     assert_differs(expected, base_output(arch))
     merged = model.merge_and_unload()
@@ -577,10 +582,7 @@ def test_save_and_load_roundtrip(case, tmp_path):
     model = make(arch, **{"init_lora_weights": False, **cfg})
     randomize(model, "default")
     if cfg.get("bias") == "all":
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith(".bias"):
-                    p.add_(0.25)
+        shift_biases(model, 0.25)
     expected = run(model, arch)
     assert_differs(expected, base_output(arch))
     model.save_pretrained(tmp_path)
