@@ -1,0 +1,4 @@
+"""`python -m lorakit ...` (what torchrun runs: `torchrun --nproc_per_node N -m lorakit train ...`)."""
+from .cli import main
+
+raise SystemExit(main())

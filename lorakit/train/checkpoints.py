@@ -1,0 +1,118 @@
+"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+
+    checkpoint-<step>/
+      trainable.safetensors   every trainable parameter, by name
+      adapter_config.json,    (LoRA / DoRA) the adapter in PEFT format, loadable as is
+      adapter_model.safetensors
+      optimizer.pt, scheduler.pt, rng_state.pt   (read back with weights_only=True)
+      trainer_state.json      step, epoch, run id
+
+The folder is written under a temporary name and renamed once complete, so a run killed at
+any moment leaves either the whole checkpoint or none.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..peft_api import PeftModel
+
+PREFIX = "checkpoint-"
+
+
+def capture_rng(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, scheduler,
+                    rng_states: list[dict], trainer_state: dict) -> Path:
+    """Write checkpoint-<step> atomically and return its path (rank 0 only)."""
+    final = output_dir / f"{PREFIX}{step}"
+    tmp = output_dir / f".{PREFIX}{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed while writing
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    if isinstance(model, PeftModel):
+        model.save_pretrained(str(tmp))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_states, tmp / "rng_state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "global_step": step}, indent=2))
+    if final.exists():  # the same step saved before (e.g. Ctrl-C right after a periodic save)
+        stale = output_dir / f".{PREFIX}{step}.old"
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in output_dir, oldest step first."""
+    found = [p for p in output_dir.glob(f"{PREFIX}*") if re.fullmatch(rf"{PREFIX}\d+", p.name)
+             and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Path:
+    """The checkpoint folder that `--resume` names (`latest`: the newest in output_dir)."""
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume: no checkpoint-<step> folder in {output_dir} to resume from")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a lorakit checkpoint folder "
+                                "(expected checkpoint-<step> with trainer_state.json)")
+    return path
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> tuple[dict, list[dict]]:
+    """Restore parameters, optimiser and scheduler; return (trainer_state, per-rank RNG states)."""
+    saved = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(saved) != expected:
+        missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
+        raise ValueError(f"{path} does not match this model and adapter settings: "
+                         f"missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, tensor in saved.items():
+        if params[name].shape != tensor.shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(params[name].shape)} (was --lora_rank changed?)")
+        with torch.no_grad():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_states = torch.load(path / "rng_state.pt", weights_only=True)
+    return json.loads((path / "trainer_state.json").read_text()), rng_states
+
+
+def rotate(output_dir: Path, keep: int, own: set[str]) -> None:
+    """Delete this run's oldest checkpoints beyond the newest `keep`; never another run's."""
+    mine = [p for p in list_checkpoints(output_dir) if p.name in own]
+    for old in mine[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+        own.discard(old.name)

