@@ -1,6 +1,7 @@
 """The drop-in names: get_peft_model, PeftModel and its methods, as PEFT users call them."""
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 
@@ -20,6 +21,9 @@ class PeftModel(nn.Module):
         if hasattr(model, "enable_input_require_grads") and any(
                 getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        # transformers' Trainer keeps the dataset columns that forward's signature names: show the base's
+        self.__dict__["forward"] = functools.update_wrapper(functools.partial(PeftModel.forward, self),
+                                                            model.forward)
 
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)

@@ -204,6 +204,7 @@ def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
     model = load_model(model_path, data.task, data.labels, base_dtype)
     model = prepare_model(model, args, data.task).to(ctx.device)
     model.train()
+    torch.manual_seed(args.seed + ctx.rank)  # independent dropout masks per rank
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     say(f"model: {model_path} ({args.train_type}), trainable {n_trainable:,} of {n_total:,} "

