@@ -346,3 +346,19 @@ def test_wrapped_model_trains_with_transformers_trainer(tiny_lm_dir, tmp_path):
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.lora_B["default"].weight.abs().sum() > 0
     assert torch.equal(layer.weight, frozen)
+
+
+@pytest.mark.slow
+def test_no_arguments_runs_the_offline_minilm_default(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import re
+
+    before, after = map(float, re.search(r"eval accuracy: ([\d.]+) before -> ([\d.]+) after", done.stdout).groups())
+    assert before < 0.4 and after > 0.85, done.stdout
+    [out] = (tmp_path / "outputs").iterdir()
+    assert out.name.startswith("all-MiniLM-L6-v2-") and f"saved in {out.resolve()}" in done.stdout.replace(
+        f"saved in outputs/{out.name}", f"saved in {out.resolve()}")
+    assert (out / "adapter_model.safetensors").is_file() and (out / "labels.json").is_file()
