@@ -73,3 +73,23 @@ def test_peft_and_lorakit_agree_in_bf16():
                 p.copy_(theirs_sd[name])  # PEFT names adapter weights the same way inside a model
         x = INPUT.cuda()
         assert torch.equal(ours(input_ids=x).logits, theirs(input_ids=x).logits)
+
+
+def test_lorakit_train_on_cuda_uses_bf16_and_writes_a_peft_adapter(tiny_lm_dir, alpaca_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.train import loop
+    from lorakit.train.args import parse_train_args
+
+    out = tmp_path / "gpu-run"
+    result = loop.train(parse_train_args(["--model", tiny_lm_dir, "--dataset", alpaca_file, "--output_dir", str(out),
+                                          "--max_steps", "20", "--learning_rate", "3e-2", "--val_split_ratio", "0.25",
+                                          "--report_to", "none", "--gradient_checkpointing"]))
+    assert result["eval_loss"] < 0.8 * result["before_eval_loss"]
+    config = (out / "run_config.yaml").read_text()
+    assert "bf16: null" in config  # the default: bf16 autocast because a GPU is present
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    tuned = PeftModel.from_pretrained(base, str(out)).eval()
+    ids = torch.tensor([[1, 40, 41, 42]])
+    assert torch.isfinite(tuned(ids).logits).all()

@@ -312,14 +312,15 @@ def test_resume_refuses_a_checkpoint_of_another_shape(tiny_lm_dir, alpaca_file, 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_lm_dir, tmp_path):
     data = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(30))  # 30 rows: the last global batch is partial
     common = dict(lora_dropout=0, max_steps=-1, num_train_epochs=1, save_steps=100, val_split_ratio=0.2)
+    cpu = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU, also on a GPU machine
     single = subprocess.run([sys.executable, "-m", "lorakit", "train",
                              *quick_args(tiny_lm_dir, data, tmp_path / "one", per_device_train_batch_size=4,
-                                         **common)], capture_output=True, text=True, timeout=300)
+                                         **common)], capture_output=True, text=True, timeout=300, env=cpu)
     assert single.returncode == 0, single.stderr[-2000:]
     double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "lorakit", "train",
                              *quick_args(tiny_lm_dir, data, tmp_path / "two", per_device_train_batch_size=2,
-                                         **common)], capture_output=True, text=True, timeout=300)
+                                         **common)], capture_output=True, text=True, timeout=300, env=cpu)
     assert double.returncode == 0, double.stderr[-3000:]
     assert_same_weights(adapter_weights(tmp_path / "two"), adapter_weights(tmp_path / "one"), atol=1e-5)
     one, two = (json.loads((tmp_path / d / "final_metrics.json").read_text()) for d in ("one", "two"))

@@ -89,6 +89,9 @@ class TrainArgs:
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in backward."))
     bf16: Optional[bool] = field(default=None, metadata=_help(
         "bf16 autocast; default on for CUDA, off (fp32) on CPU."))
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata=_help(
+        "dtype of the frozen base weights; auto: bfloat16 under bf16 autocast, else float32. "
+        "Trainable weights are always float32."))
     seed: int = field(default=42, metadata=_help("Seed for initialisation, shuffling and dropout."))
 
     # --- bookkeeping -------------------------------------------------------------------

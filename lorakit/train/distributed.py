@@ -26,6 +26,10 @@ def setup() -> Dist:
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if world == 1:
         return Dist(device=device)
+    if device.type == "cuda" and local_rank >= torch.cuda.device_count():
+        raise ValueError(f"torchrun started more processes per node than the {torch.cuda.device_count()} "
+                         "visible GPU(s); use --nproc_per_node <= the GPU count, or CUDA_VISIBLE_DEVICES= "
+                         "to train on the CPU")
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -198,7 +198,10 @@ def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
     say(describe_data(data, args))
 
     bf16 = args.bf16 if args.bf16 is not None else ctx.device.type == "cuda"
-    base_dtype = torch.bfloat16 if bf16 and args.train_type != "full" else torch.float32
+    if args.torch_dtype != "auto":
+        base_dtype = getattr(torch, args.torch_dtype)
+    else:
+        base_dtype = torch.bfloat16 if bf16 and args.train_type != "full" else torch.float32
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # same adapter initialisation on every rank
     model = load_model(model_path, data.task, data.labels, base_dtype)
