@@ -299,11 +299,13 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(tiny_lm_dir, alpaca_file
     assert steps == sorted(set(steps))  # no duplicated records from the killed run
 
 
-def test_resume_refuses_a_checkpoint_of_another_shape(tiny_lm_dir, alpaca_file, tmp_path, capsys):
-    out = tmp_path / "shape"
+def test_resume_refuses_other_settings(tiny_lm_dir, alpaca_file, tmp_path, capsys):
+    out = tmp_path / "changed"
     assert main(["train", *quick_args(tiny_lm_dir, alpaca_file, out, max_steps=3)]) == 0
     code = main(["train", *quick_args(tiny_lm_dir, alpaca_file, out, max_steps=3, lora_rank=8), "--resume"])
     assert code == 2 and "(was --lora_rank changed?)" in capsys.readouterr().err
+    code = main(["train", *quick_args(tiny_lm_dir, alpaca_file, out, max_steps=3, learning_rate=0.5), "--resume"])
+    assert code == 2 and "learning_rate: 0.01 -> 0.5" in capsys.readouterr().err
 
 
 # --- many processes --------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import json
 import math
 import random
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -75,6 +74,22 @@ def prepare_data(args: TrainArgs, tokenizer) -> PreparedData:
                          f"masked after truncation to --max_length {args.max_length} (first: "
                          f"{dropped[:3]}); raise --max_length or check the responses are not empty")
     return PreparedData(task, fmt, labels, encoded["train"], encoded["eval"], reports)
+
+
+# Settings that decide which steps a run takes: resuming with other values would not continue it.
+TRAJECTORY_FIELDS = ("model", "dataset", "val_dataset", "val_split_ratio", "train_type", "target_modules",
+                     "lora_rank", "lora_alpha", "max_length", "train_on_prompt", "num_train_epochs", "max_steps",
+                     "learning_rate", "loraplus_lr_ratio", "lr_scheduler_type", "warmup_ratio",
+                     "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
+
+
+def check_same_trajectory(saved: dict, current: dict, path: Path) -> None:
+    """Refuse to resume a checkpoint with settings that change the run's steps."""
+    changed = [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in saved if k in current and saved[k] != current[k]]
+    if changed:
+        raise ValueError(f"--resume {path}: these settings differ from the run that wrote the checkpoint: "
+                         f"{'; '.join(changed)}. Resume with the same settings (e.g. --config "
+                         f"{path.parent / 'run_config.yaml'}) or start a new run")
 
 
 def prepare_output_dir(args: TrainArgs) -> Path:
@@ -226,11 +241,12 @@ def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
                               num_training_steps=total_steps)
 
     step, own_checkpoints, history = 0, set(), {}
-    run_id = uuid.uuid4().hex[:12]
+    trajectory = {**{name: getattr(args, name) for name in TRAJECTORY_FIELDS}, "processes": ctx.world}
     if args.resume:
         path = checkpoints.resolve_resume(args.resume, out)
         state, rng_states = checkpoints.load_checkpoint(path, model, optimizer, scheduler)
-        step, run_id, history = state["global_step"], state["run_id"], state.get("history", {})
+        check_same_trajectory(state.get("trajectory", {}), trajectory, path)
+        step, history = state["global_step"], state.get("history", {})
         checkpoints.restore_rng(rng_states[ctx.rank if ctx.rank < len(rng_states) else 0], ctx.device)
         own_checkpoints = {p.name for p in checkpoints.list_checkpoints(out)}
         say(f"resumed from {path} at step {step} of {total_steps}")
@@ -248,7 +264,7 @@ def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
         if not ctx.is_main:
             return None
         path = checkpoints.save_checkpoint(out, at_step, model, optimizer, scheduler, rng_states,
-                                           {"run_id": run_id, "history": history,
+                                           {"trajectory": trajectory, "history": history,
                                             "epoch": at_step / steps_per_epoch})
         own_checkpoints.add(path.name)
         checkpoints.rotate(out, args.save_total_limit, own_checkpoints)
