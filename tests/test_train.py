@@ -195,6 +195,14 @@ def test_model_folder_without_config(alpaca_file, tmp_path, capsys):
     assert "has no config.json" in capsys.readouterr().err
 
 
+def test_model_folder_without_tokenizer(tiny_lm_dir, alpaca_file, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_lm_dir).save_pretrained(str(tmp_path / "no-tok"))
+    assert main(["train", *quick_args(str(tmp_path / "no-tok"), alpaca_file, tmp_path / "o")]) == 2
+    assert f"model folder {tmp_path / 'no-tok'} has no tokenizer" in capsys.readouterr().err
+
+
 def test_all_masked_dataset_is_refused(tiny_lm_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "word " * 100, "output": "x"}] * 3)
     assert main(["train", *quick_args(tiny_lm_dir, data, tmp_path / "o", max_length=16)]) == 2

@@ -13,6 +13,9 @@ from ..peft_api import PeftModel, get_peft_model
 from .args import DEFAULT_MODEL, TrainArgs
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def resolve_model_path(model: str) -> str:
     """A local folder for `model`: the bundled MiniLM, a folder with config.json, or a hub id."""
     if model == DEFAULT_MODEL:
@@ -34,9 +37,10 @@ def _from_pretrained(auto_class, name: str, **kwargs):
     """auto_class.from_pretrained, trying the local cache first and failing fast when offline."""
     try:
         return auto_class.from_pretrained(name, local_files_only=True, **kwargs)
-    except OSError:
+    except OSError as err:
         if os.path.isdir(name):
-            raise
+            raise FileNotFoundError(f"cannot load a {auto_class.__name__.removeprefix('Auto')} from {name}: "
+                                    f"{err}") from None
         require_hub(f"model {name!r}", "a local model folder (config.json, weights, tokenizer)")
         return auto_class.from_pretrained(name, **kwargs)
 
@@ -44,6 +48,10 @@ def _from_pretrained(auto_class, name: str, **kwargs):
 def load_tokenizer(model_path: str):
     from transformers import AutoTokenizer
 
+    folder = Path(model_path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"model folder {model_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                                "save the base model's tokenizer into it")
     tokenizer = _from_pretrained(AutoTokenizer, model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
