@@ -146,6 +146,28 @@ def global_batch(n: int, step: int, steps_per_epoch: int, global_size: int, seed
     return epoch_order(n, seed, epoch)[k * global_size:(k + 1) * global_size]
 
 
+def accumulate_gradients(model, examples: list[Encoded], args: TrainArgs, pad_id: int, ctx: distributed.Dist,
+                         bf16: bool) -> float:
+    """Forward and backward this rank's micro-batches of one global batch; returns its share of the loss.
+
+    Micro-batch m of rank r holds examples [(m * world + r) * b, ... + b) of the global batch.
+    """
+    units = sum(loss_units(item) for item in examples)
+    size, total = args.per_device_train_batch_size, 0.0
+    for micro in range(args.gradient_accumulation_steps):
+        offset = (micro * ctx.world + ctx.rank) * size
+        chunk = examples[offset:offset + size]
+        if not chunk:  # the last, partial global batch may leave a rank without examples
+            continue
+        batch = {k: v.to(ctx.device) for k, v in collate(chunk, pad_id).items()}
+        with autocast(ctx, bf16):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = loss_sum(logits, batch["labels"]) / units
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 def autocast(ctx: distributed.Dist, bf16: bool):
     return torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -279,19 +301,8 @@ def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
         while step < total_steps:
             rng_at_step = checkpoints.capture_rng(ctx.device)
             indices = global_batch(len(data.train), step, steps_per_epoch, global_size, args.seed)
-            units = sum(loss_units(data.train[i]) for i in indices)
-            step_loss = 0.0
-            for micro in range(args.gradient_accumulation_steps):
-                offset = (micro * ctx.world + ctx.rank) * args.per_device_train_batch_size
-                chunk = [data.train[i] for i in indices[offset:offset + args.per_device_train_batch_size]]
-                if not chunk:
-                    continue
-                batch = {k: v.to(ctx.device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
-                with autocast(ctx, bf16):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = loss_sum(logits, batch["labels"]) / units
-                loss.backward()
-                step_loss += loss.item()
+            step_loss = accumulate_gradients(model, [data.train[i] for i in indices], args, tokenizer.pad_token_id,
+                                             ctx, bf16)
             distributed.sum_gradients(params, ctx)
             step_loss = distributed.sum_across([step_loss], ctx)[0]
             if not math.isfinite(step_loss):
