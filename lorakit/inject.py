@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import LoraConfig, TaskType
 from .layers import LoraLayer, LoraLinear, ModulesToSave, is_conv1d, lora_layer_class
+from .quantized import NF4Linear
 
 # q,v (or the fused qkv) per architecture when target_modules is not given, as PEFT defaults.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -70,7 +71,7 @@ def is_bias(name: str) -> bool:
 def all_linear_names(model: nn.Module, config: LoraConfig) -> list[str]:
     """'all-linear': every Linear / Conv1D except the output head (as PEFT expands it)."""
     names = {n for n, m in model.named_modules()
-             if (isinstance(m, (nn.Linear, LoraLinear)) or is_conv1d(m)) and not is_adapter_internal(n)}
+             if (isinstance(m, (nn.Linear, NF4Linear, LoraLinear)) or is_conv1d(m)) and not is_adapter_internal(n)}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None and config.task_type == TaskType.SEQ_CLS.value:
         head = next((getattr(model, h) for h in SEQ_CLS_HEADS if hasattr(model, h)), None)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantized import NF4Linear
+
 
 class WrapsBase(nn.Module):
     """Stands in for `base` under the same state_dict keys: it adopts base's parameter and buffer
@@ -21,11 +23,23 @@ class WrapsBase(nn.Module):
 
     def __init__(self, base: nn.Module):
         super().__init__()
+        self._adopt(base)
+
+    def _adopt(self, base: nn.Module) -> None:
         self.__dict__["_parameters"] = base._parameters
         self.__dict__["_buffers"] = base._buffers
         self.__dict__["_non_persistent_buffers_set"] = base._non_persistent_buffers_set
         self._modules.update(base._modules)
         self.__dict__["base_layer"] = base  # not a child: its state is already ours
+
+    def _apply(self, fn, recurse: bool = True):
+        """.to() / .cuda() / .half(): the adopted tensors follow the base's own rules (a quantised
+        base keeps its quantisation state's dtypes), the adapters the usual ones."""
+        if recurse:
+            for module in self.children():
+                module._apply(fn)
+        self.base_layer._apply(fn, recurse=False)
+        return self
 
     def __getattr__(self, name: str):
         try:
@@ -34,6 +48,11 @@ class WrapsBase(nn.Module):
             if "base_layer" not in self.__dict__:
                 raise
             return getattr(self.__dict__["base_layer"], name)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A base module's weight as a dense tensor: dequantised if the module stores it quantised."""
+    return module.dequantize() if hasattr(module, "dequantize") else module.weight
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -79,7 +98,7 @@ class LoraLayer(WrapsBase):
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def to_base_device(self, name: str) -> None:
-        ref = next((t for t in self._parameters.values() if t is not None), None)
+        ref = next((t for t in [*self._parameters.values(), *self._buffers.values()] if t is not None), None)
         if ref is None or ref.device.type == "meta":
             return
         # Adapters train in fp32 (or fp64) even over a half-precision or quantised base.
@@ -156,7 +175,8 @@ class LoraLinear(LoraLayer):
     def __init__(self, base: nn.Module):
         super().__init__(base)
         self.fan_in_fan_out = is_conv1d(base)
-        d_in, d_out = base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1]
+        shape = (base.out_features, base.in_features) if hasattr(base, "dequantize") else base.weight.shape
+        d_in, d_out = shape if self.fan_in_fan_out else shape[::-1]
         self.in_features, self.out_features = d_in, d_out
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -176,8 +196,25 @@ class LoraLinear(LoraLayer):
         _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, r, init)
 
     def weight_out_in(self) -> torch.Tensor:
-        """The base weight as d_out x d_in, whatever its storage."""
-        return self.weight.T if self.fan_in_fan_out else self.weight
+        """The base weight as d_out x d_in, whatever its storage (dequantised if it is 4-bit)."""
+        weight = dense_weight(self.base_layer)
+        return weight.T if self.fan_in_fan_out else weight
+
+    @property
+    def is_quantized(self) -> bool:
+        return hasattr(self.base_layer, "dequantize")
+
+    def dequantize_base(self) -> None:
+        """Replace a quantised base by an nn.Linear holding its dequantised weight (to merge into)."""
+        base = self.base_layer
+        dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                          device=base.weight_packed.device, dtype=base.weight_dtype)
+        with torch.no_grad():
+            dense.weight.copy_(base.dequantize())
+            if base.bias is not None:
+                dense.bias.copy_(base.bias)
+        dense.requires_grad_(False)
+        self._adopt(dense)
 
     def delta_weight_out_in(self, name: str) -> torch.Tensor:
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
@@ -289,7 +326,7 @@ class LoraConv2d(LoraLayer):
 
 def lora_layer_class(module: nn.Module) -> type[LoraLayer] | None:
     """The LoRA layer type that can wrap `module`, or None if LoRA cannot target it."""
-    if isinstance(module, nn.Linear) or is_conv1d(module):
+    if isinstance(module, (nn.Linear, NF4Linear)) or is_conv1d(module):
         return LoraLinear
     if isinstance(module, nn.Embedding):
         return LoraEmbedding

@@ -79,9 +79,12 @@ class PeftModel(nn.Module):
     def unmerge_adapter(self) -> None:
         merge.unmerge_adapter(self.base_model)
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        """The base model with the active adapters folded into its weights, plain modules only."""
-        return merge.unload(self.base_model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None,
+                         quantized_merge: str | None = None) -> nn.Module:
+        """The base model with the active adapters folded into its weights, plain modules only.
+        Over a 4-bit base, quantized_merge='dequantize' or 'requantize' says what the merged layers become."""
+        return merge.unload(self.base_model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names,
+                            quantized_merge=quantized_merge)
 
     def unload(self) -> nn.Module:
         """The base model with the LoRA layers taken out, nothing merged."""

@@ -1,0 +1,92 @@
+"""QLoRA's frozen base: Linear layers whose weights are stored in NF4 and dequantised on the fly.
+
+`NF4Linear` keeps only the packed 4-bit weight and its quantisation state; each forward and
+backward dequantises that one layer's weight, uses it, and lets it go, so no full-precision
+copy of the model exists at any time. Gradients flow to the input (and so to LoRA adapters
+around the layer), never to the 4-bit weight.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+
+_STATE = ("absmax", "nested_absmax", "nested_code")  # tensors of NF4Weight besides the packed data
+
+
+class _DequantizedMatmul(torch.autograd.Function):
+    """x @ W.T with W dequantised in forward and again in backward, instead of saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out @ ctx.layer.dequantize(grad_out.dtype), None
+
+
+class NF4Linear(nn.Module):
+    """A frozen nn.Linear in NF4 (bitsandbytes-compatible storage, double-quantised by default)."""
+
+    def __init__(self, q: NF4Weight, bias: torch.Tensor | None = None):
+        super().__init__()
+        if len(q.shape) != 2:
+            raise ValueError(f"NF4Linear needs a 2-D weight, got shape {tuple(q.shape)}")
+        self.out_features, self.in_features = q.shape
+        self.blocksize, self.weight_dtype, self.offset = q.blocksize, q.dtype, q.offset
+        self.register_buffer("weight_packed", q.data)
+        for name in _STATE:
+            self.register_buffer(f"weight_{name}", getattr(q, name))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
+        return cls(quantize_nf4(linear.weight.detach(), blocksize, double_quant), linear.bias)
+
+    @property
+    def quantized(self) -> NF4Weight:
+        return NF4Weight(self.weight_packed, self.weight_absmax, torch.Size((self.out_features, self.in_features)),
+                         self.weight_dtype, self.blocksize, self.weight_nested_absmax, self.weight_nested_code,
+                         self.offset)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight (out x in) in `dtype` (default: the dtype it was quantised from)."""
+        return dequantize_nf4(self.quantized, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            out = _DequantizedMatmul.apply(x, self)
+        else:
+            out = F.linear(x, self.dequantize(x.dtype))
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Devices change; the quantisation state's dtypes do not (.half() must not round the scales)."""
+        before = {n: t for n, t in self._buffers.items() if t is not None and t.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            if self._buffers[name].dtype != old.dtype:
+                self._buffers[name] = old.to(self._buffers[name].device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize={self.blocksize}, "
+                f"double_quant={self.weight_nested_absmax is not None}")
+
+
+def quantize_linears(model: nn.Module, skip: set[str] = frozenset(), blocksize: int = 64,
+                     double_quant: bool = True) -> list[str]:
+    """Replace every nn.Linear not named in `skip` (full names or last parts) by an NF4Linear, one
+    at a time; returns the names replaced."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and name not in skip and name.rsplit(".", 1)[-1] not in skip:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, NF4Linear.from_linear(module, blocksize, double_quant))
+            replaced.append(name)
+    return replaced

@@ -1,0 +1,143 @@
+"""QLoRA: LoRA and DoRA over NF4 base weights — forward, gradients, memory, PEFT adapters, merging."""
+import warnings
+
+import pytest
+import torch
+from conftest import build_model
+from torch import nn
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.nf4 import dequantize_nf4
+from lorakit.quantized import NF4Linear, quantize_linears
+
+IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def quantized_llama(seed: int = 0) -> tuple[nn.Module, list[str]]:
+    model = build_model("llama", seed)
+    return model, quantize_linears(model, skip={"lm_head"})
+
+
+def dense_twin(model: nn.Module) -> nn.Module:
+    """The same model with each NF4Linear replaced by an nn.Linear holding its dequantised weight."""
+    twin = build_model("llama")
+    twin.load_state_dict({k: v for k, v in model.state_dict().items() if k in twin.state_dict()}, strict=False)
+    for name, module in model.named_modules():
+        if isinstance(module, NF4Linear):
+            twin.get_submodule(name).weight.data.copy_(module.dequantize())
+    return twin
+
+
+def test_nf4_linear_computes_with_the_dequantised_weight():
+    linear = nn.Linear(64, 48)
+    q = NF4Linear.from_linear(linear)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(q(x), x @ dequantize_nf4(q.quantized).T + linear.bias, rtol=0, atol=0)
+    assert all(b.dtype in (torch.uint8, torch.float32) for b in q.buffers())
+
+
+def test_bitsandbytes_linear4bit_agrees():
+    import bitsandbytes as bnb
+
+    linear = nn.Linear(128, 64)
+    ref = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+    ref.load_state_dict(linear.state_dict())
+    ref = ref.to("cpu")  # quantises on .to(), as bitsandbytes does
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(NF4Linear.from_linear(linear)(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_the_input_not_the_4bit_weight_and_nothing_full_size_is_saved():
+    q = NF4Linear.from_linear(nn.Linear(256, 128))
+    x = torch.randn(4, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = q(x)
+    out.square().sum().backward()
+    reference = x.detach().clone().requires_grad_()
+    (reference @ q.dequantize().T + q.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad)
+    assert max(saved, default=0) < 256 * 128  # the dequantised weight is recomputed, not kept
+    assert not any(b.requires_grad for b in q.buffers())
+
+
+def test_half_precision_cast_keeps_the_quantisation_state_exact():
+    model, _ = quantized_llama()
+    layer = model.model.layers[0].self_attn.q_proj
+    before = layer.dequantize(torch.float32)
+    model.to(torch.bfloat16)
+    assert layer.weight_nested_absmax.dtype == torch.float32 and layer.bias is None
+    torch.testing.assert_close(layer.dequantize(torch.float32), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_over_nf4_matches_peft_on_the_dequantised_base(use_dora, tmp_path):
+    from peft import PeftModel
+
+    model, replaced = quantized_llama()
+    assert "model.layers.0.self_attn.q_proj" in replaced and "lm_head" not in replaced
+    twin = dense_twin(model)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, use_dora=use_dora)
+    ours = get_peft_model(model, config).eval()
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    ours.save_pretrained(str(tmp_path))
+    theirs = PeftModel.from_pretrained(twin, str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_qlora_training_step_updates_only_adapters(use_dora):
+    model, _ = quantized_llama()
+    packed = model.model.layers[0].mlp.up_proj.weight_packed.clone()
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora,
+                                                  lora_dropout=0.1))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = peft_model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight_packed, packed)
+
+
+def test_merging_into_4bit_needs_to_be_asked_for():
+    model, _ = quantized_llama()
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    with pytest.raises(ValueError, match="quantized_merge='dequantize'"):
+        peft_model.merge_adapter()
+    with pytest.raises(ValueError, match="say how to merge into them"):
+        peft_model.merge_and_unload()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_dequantized_equals_the_unmerged_model(use_dora):
+    model, _ = quantized_llama()
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
+                                                  use_dora=use_dora)).eval()
+    with torch.no_grad():
+        expected = peft_model(input_ids=IDS).logits
+        merged = peft_model.merge_and_unload(quantized_merge="dequantize")
+        assert isinstance(merged.model.layers[0].self_attn.q_proj, nn.Linear)
+        torch.testing.assert_close(merged(input_ids=IDS).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_requantized_warns_and_stays_4bit():
+    model, _ = quantized_llama()
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    with torch.no_grad():
+        expected = peft_model(input_ids=IDS).logits
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=IDS).logits
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merged = peft_model.merge_and_unload(quantized_merge="requantize")
+        assert any("rounds away part of the LoRA update" in str(w.message) for w in caught)
+        assert isinstance(merged.model.layers[0].self_attn.q_proj, NF4Linear)
+        got = merged(input_ids=IDS).logits
+    assert not torch.equal(got, expected)  # rounding lost part of the update, but far from all of it:
+    assert (got - expected).abs().mean() < 0.5 * (base - expected).abs().mean()
