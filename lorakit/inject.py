@@ -117,7 +117,8 @@ def _no_match_message(model: nn.Module, problem: str, unknown: list[str]) -> str
             "that fully matches module paths)." + (" " + "; ".join(hints) if hints else ""))
 
 
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule called `name` is."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -172,7 +173,7 @@ class LoraModel(nn.Module):
             module = self.model.get_submodule(name)
             if not isinstance(module, ModulesToSave):
                 module = ModulesToSave(module)
-                _replace_module(self.model, name, module)
+                replace_module(self.model, name, module)
             module.add_adapter(adapter_name)
         self.peft_config[adapter_name] = config
         if not self.active_adapters:  # as PEFT: an added (inactive) adapter's `bias` makes nothing trainable
@@ -210,7 +211,7 @@ class LoraModel(nn.Module):
         module = self.model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             module = lora_layer_class(module)(module)
-            _replace_module(self.model, name, module)
+            replace_module(self.model, name, module)
         rank = pattern_value(name, config.rank_pattern, config.r)
         alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
         module.add_adapter(adapter_name, rank, alpha, config.lora_dropout, config.use_rslora,

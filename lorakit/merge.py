@@ -5,7 +5,7 @@ import warnings
 
 from torch import nn
 
-from .inject import LoraModel, _replace_module
+from .inject import LoraModel, replace_module
 
 QUANTIZED_MERGES = ("dequantize", "requantize")
 
@@ -55,13 +55,13 @@ def unload(lora_model: LoraModel, merge: bool = False, safe_merge: bool = False,
         merge_adapter(lora_model, adapter_names, safe_merge)
     model = lora_model.model
     for name, layer in list(lora_model.lora_layers()):
-        _replace_module(model, name, layer.base_layer)
+        replace_module(model, name, layer.base_layer)
     if requantize:
         from .quantized import NF4Linear
 
         for name in requantize:
-            _replace_module(model, name, NF4Linear.from_linear(model.get_submodule(name)))
+            replace_module(model, name, NF4Linear.from_linear(model.get_submodule(name)))
     for name, module in list(lora_model.saved_modules()):
         replacement = module.modules_to_save[module.active_adapter] if module.active_adapter else module.base_layer
-        _replace_module(model, name, replacement)
+        replace_module(model, name, replacement)
     return model

@@ -41,7 +41,7 @@ class NF4Linear(nn.Module):
         self.register_buffer("weight_packed", q.data)
         for name in _STATE:
             self.register_buffer(f"weight_{name}", getattr(q, name))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
@@ -82,11 +82,11 @@ def quantize_linears(model: nn.Module, skip: set[str] = frozenset(), blocksize: 
                      double_quant: bool = True) -> list[str]:
     """Replace every nn.Linear not named in `skip` (full names or last parts) by an NF4Linear, one
     at a time; returns the names replaced."""
+    from .inject import replace_module
+
     replaced = []
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and name not in skip and name.rsplit(".", 1)[-1] not in skip:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, NF4Linear.from_linear(module, blocksize, double_quant))
+            replace_module(model, name, NF4Linear.from_linear(module, blocksize, double_quant))
             replaced.append(name)
     return replaced

@@ -125,6 +125,26 @@ def test_dora_and_full_fine_tuning(tiny_lm_dir, alpaca_file, tmp_path, train_typ
         assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
 
 
+def test_qlora_run_writes_an_adapter_peft_loads_on_the_unquantised_base(tiny_lm_dir, alpaca_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "qlora"
+    result = loop.train(parse_train_args(quick_args(tiny_lm_dir, alpaca_file, out, train_type="qlora", max_steps=20,
+                                                    learning_rate=3e-2, val_split_ratio=0.25)))
+    assert result["eval_loss"] < 0.8 * result["before_eval_loss"]
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    before = base(ids).logits
+    tuned = PeftModel.from_pretrained(base, str(out)).eval()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_lm_dir
+    assert not torch.allclose(tuned(ids).logits, before)
+    swift_style = tmp_path / "lora-4bit"
+    loop.train(parse_train_args(quick_args(tiny_lm_dir, alpaca_file, swift_style, train_type="lora", quant_bits=4,
+                                           max_steps=20, learning_rate=3e-2, val_split_ratio=0.25)))
+    assert_same_weights(adapter_weights(swift_style), adapter_weights(out), atol=0)
+
+
 def test_loraplus_gives_b_a_larger_learning_rate(tiny_lm_dir):
     from transformers import AutoModelForCausalLM
 

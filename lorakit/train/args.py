@@ -47,8 +47,10 @@ class TrainArgs:
         "newest one in output_dir.", nargs="?", const="latest"))
 
     # --- adapter -----------------------------------------------------------------------
-    train_type: Literal["lora", "dora", "full"] = field(default="lora", metadata=_help(
-        "lora, dora (weight-decomposed LoRA) or full fine-tuning."))
+    train_type: Literal["lora", "dora", "qlora", "full"] = field(default="lora", metadata=_help(
+        "lora, dora (weight-decomposed LoRA), qlora (LoRA over a 4-bit NF4 base) or full fine-tuning."))
+    quant_bits: Optional[int] = field(default=None, metadata=_help(
+        "4: store the frozen base in NF4 with double quantisation (with lora or dora: QLoRA / QDoRA)."))
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata=_help(
         "Module names (or all-linear) that get adapters."))
     lora_rank: int = field(default=8, metadata=_help("LoRA rank r."))
@@ -123,11 +125,20 @@ class TrainArgs:
                 problems.append(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps < 1 and self.num_train_epochs <= 0:
             problems.append("set --num_train_epochs > 0 or --max_steps >= 1")
+        if self.quant_bits not in (None, 4):
+            problems.append(f"--quant_bits accepts 4 (NF4), got {self.quant_bits}")
+        if self.quant_bits == 4 and self.train_type == "full":
+            problems.append("--quant_bits 4 freezes the base in 4-bit; it needs --train_type lora, dora or qlora")
         unknown_sinks = set(self.report_to) - {"tensorboard", "none"}
         if unknown_sinks:
             problems.append(f"--report_to accepts tensorboard or none, got {sorted(unknown_sinks)}")
         if problems:
             raise ValueError("invalid training arguments:\n  " + "\n  ".join(problems))
+
+    @property
+    def quantize(self) -> bool:
+        """Whether the frozen base is stored in 4-bit NF4."""
+        return self.train_type == "qlora" or self.quant_bits == 4
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -78,7 +78,7 @@ def prepare_data(args: TrainArgs, tokenizer) -> PreparedData:
 
 # Settings that decide which steps a run takes: resuming with other values would not continue it.
 TRAJECTORY_FIELDS = ("model", "dataset", "val_dataset", "val_split_ratio", "train_type", "target_modules",
-                     "lora_rank", "lora_alpha", "max_length", "train_on_prompt", "num_train_epochs", "max_steps",
+                     "quant_bits", "lora_rank", "lora_alpha", "max_length", "train_on_prompt", "num_train_epochs", "max_steps",
                      "learning_rate", "loraplus_lr_ratio", "lr_scheduler_type", "warmup_ratio",
                      "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
 
@@ -241,7 +241,7 @@ def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
         base_dtype = torch.bfloat16 if bf16 and args.train_type != "full" else torch.float32
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # same adapter initialisation on every rank
-    model = load_model(model_path, data.task, data.labels, base_dtype)
+    model = load_model(model_path, data.task, data.labels, base_dtype, args.quantize, tuple(args.modules_to_save))
     model = prepare_model(model, args, data.task).to(ctx.device)
     model.train()
     torch.manual_seed(args.seed + ctx.rank)  # independent dropout masks per rank

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
+from ..inject import SEQ_CLS_HEADS
 from ..hub import require_hub
 from ..peft_api import PeftModel, get_peft_model
 from .args import DEFAULT_MODEL, TrainArgs
@@ -58,21 +59,28 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def load_model(model_path: str, task: str, labels: list[str], dtype: torch.dtype) -> nn.Module:
-    """The base model: a causal LM, or a sequence classifier with a fresh head for `labels`."""
+def load_model(model_path: str, task: str, labels: list[str], dtype: torch.dtype,
+               quantize: bool = False, keep_dense: tuple[str, ...] = ()) -> nn.Module:
+    """The base model: a causal LM, or a sequence classifier with a fresh head for `labels`.
+    With `quantize`, its Linear layers (but the heads and `keep_dense`) are loaded straight into NF4."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    if task == "seq_cls":
+    auto_class = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+    head = {} if task != "seq_cls" else dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                                             label2id={label: i for i, label in enumerate(labels)})
+    if quantize:
+        from ..load4bit import load_nf4
+
+        if not Path(model_path).is_dir():
+            raise ValueError(f"4-bit loading reads a local model folder; {model_path!r} is not one")
+        model, _ = load_nf4(auto_class, model_path, dtype, {*SEQ_CLS_HEADS, *keep_dense}, **head)
+    elif task == "seq_cls":
         hf_logging.set_verbosity_error()  # "newly initialised classifier" is expected here
-        model = _from_pretrained(AutoModelForSequenceClassification, model_path, dtype=dtype,
-                                 num_labels=len(labels),
-                                 id2label=dict(enumerate(labels)),
-                                 label2id={label: i for i, label in enumerate(labels)},
-                                 ignore_mismatched_sizes=True)  # a head for other labels is replaced
-        hf_logging.set_verbosity_warning()
+        model = _from_pretrained(auto_class, model_path, dtype=dtype, ignore_mismatched_sizes=True, **head)
+        hf_logging.set_verbosity_warning()  # (ignore_mismatched_sizes: a head for other labels is replaced)
     else:
-        model = _from_pretrained(AutoModelForCausalLM, model_path, dtype=dtype)
+        model = _from_pretrained(auto_class, model_path, dtype=dtype)
     if model.config.pad_token_id is None and hasattr(model.config, "eos_token_id"):
         model.config.pad_token_id = model.config.eos_token_id
     return model

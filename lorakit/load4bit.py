@@ -1,0 +1,104 @@
+"""Loading a transformers checkpoint straight into NF4, one tensor at a time.
+
+The model is built with empty (meta) parameters; each checkpoint tensor is then read from its
+safetensors file and either quantised on the spot (the weights of Linear layers) or kept in the
+compute dtype (everything else). Peak memory stays near the quantised model's size plus one
+layer, instead of the full-precision model that quantising after from_pretrained would need.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .inject import replace_module
+from .nf4 import quantize_nf4
+from .quantized import NF4Linear
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder (sharded or not)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / s for s in shards]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"{folder} has no model.safetensors (or sharded index); 4-bit loading reads "
+                            "safetensors checkpoints only")
+
+
+def _model_key(key: str, model_keys: set[str], prefix: str) -> str | None:
+    """The model's name for a checkpoint key (task models add or drop the base model's prefix)."""
+    for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
+        if candidate in model_keys:
+            return candidate
+    return None
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._buffers:
+        module._buffers[attr] = value
+    else:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str], **config_kwargs) -> tuple[nn.Module, list[str]]:
+    """(model, names of the NF4 layers): every nn.Linear outside `skip` (last name parts) in NF4,
+    the rest in `dtype`. Parameters the checkpoint lacks (a new classifier head) are initialised
+    as from_pretrained would; any other missing key is an error."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, **config_kwargs)
+    with init_empty_weights(include_buffers=False):
+        model = auto_class.from_config(config, dtype=dtype)
+    quantize = {name for name, m in model.named_modules()
+                if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in skip
+                and m is not model.get_output_embeddings()}
+    model_keys = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "")
+    loaded = set()
+    from safetensors import safe_open
+
+    for file in checkpoint_files(Path(folder)):
+        with safe_open(str(file), framework="pt") as reader:
+            for key in reader.keys():
+                name = _model_key(key, model_keys, prefix)
+                if name is None:
+                    continue
+                tensor = reader.get_tensor(key)
+                module_name, _, attr = name.rpartition(".")
+                if module_name in quantize and attr == "weight":
+                    old = model.get_submodule(module_name)
+                    layer = NF4Linear(quantize_nf4(tensor.to(dtype)))
+                    layer.bias = old.bias  # loaded already, or still empty until its key comes
+                    replace_module(model, module_name, layer)
+                else:
+                    _set_tensor(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+                loaded.add(name)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _initialise_missing(model, model_keys - loaded)
+    model.requires_grad_(False)
+    return model.eval(), sorted(quantize)  # eval mode, as from_pretrained returns models
+
+
+def _initialise_missing(model: nn.Module, missing: set[str]) -> None:
+    still_meta = {n for n, p in model.named_parameters() if p.is_meta}
+    if not still_meta:
+        return
+    owners = {n.rpartition(".")[0] for n in still_meta}
+    heads = {"classifier", "score"}
+    if not all(o.split(".")[0] in heads for o in owners):
+        raise ValueError(f"the checkpoint lacks {sorted(still_meta)[:5]} (of {len(still_meta)} missing); "
+                         "cannot load it in 4-bit")
+    for owner in owners:
+        module = model.get_submodule(owner)
+        module.to_empty(device="cpu")
+        model._init_weights(module)
