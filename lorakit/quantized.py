@@ -11,9 +11,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from .nf4 import NF4_CODE, NF4Weight, block_absmax, dequantize_nf4, quantize_nf4
 
 _STATE = ("absmax", "nested_absmax", "nested_code")  # tensors of NF4Weight besides the packed data
+
+
+def dequantize_whole(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                     numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """All of a weight at once (no chunks): level * block scale in fp32, then cast. The GPU path."""
+    levels = code[torch.stack([packed >> 4, packed & 15], dim=1).view(-1).long()][:numel]
+    n = numel - numel % blocksize
+    head = (levels[:n].view(-1, blocksize) * absmax[:n // blocksize, None]).view(-1)
+    tail = levels[n:] * absmax[n // blocksize:][:1]
+    return torch.cat([head, tail]).to(dtype)
+
+
+_COMPILED = None
+
+
+def _compiled_dequantize():
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(dequantize_whole, dynamic=True)
+    return _COMPILED
 
 
 class _DequantizedMatmul(torch.autograd.Function):
@@ -55,7 +75,11 @@ class NF4Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight (out x in) in `dtype` (default: the dtype it was quantised from)."""
-        return dequantize_nf4(self.quantized, dtype)
+        q = self.quantized
+        if q.data.is_cuda:  # one compiled kernel per shape instead of chunked eager ops
+            return _compiled_dequantize()(q.data, block_absmax(q), NF4_CODE.to(q.data.device), q.blocksize,
+                                          q.numel, dtype or q.dtype).view(q.shape)
+        return dequantize_nf4(q, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:

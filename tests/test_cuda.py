@@ -93,3 +93,26 @@ def test_lorakit_train_on_cuda_uses_bf16_and_writes_a_peft_adapter(tiny_lm_dir, 
     tuned = PeftModel.from_pretrained(base, str(out)).eval()
     ids = torch.tensor([[1, 40, 41, 42]])
     assert torch.isfinite(tuned(ids).logits).all()
+
+
+def test_compiled_gpu_dequantize_matches_the_cpu_path():
+    from torch import nn
+
+    from lorakit.quantized import NF4Linear
+
+    layer = NF4Linear.from_linear(nn.Linear(1000, 300))  # 300000 values: blocks and a short tail
+    on_cpu = layer.dequantize()
+    on_gpu = layer.to("cuda").dequantize()
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=0)
+    assert layer.dequantize(torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_qlora_train_on_cuda(tiny_lm_dir, alpaca_file, tmp_path):
+    from lorakit.train import loop
+    from lorakit.train.args import parse_train_args
+
+    result = loop.train(parse_train_args(["--model", tiny_lm_dir, "--dataset", alpaca_file, "--output_dir",
+                                          str(tmp_path / "q"), "--train_type", "qlora", "--max_steps", "20",
+                                          "--learning_rate", "3e-2", "--val_split_ratio", "0.25",
+                                          "--report_to", "none"]))
+    assert result["eval_loss"] < 0.8 * result["before_eval_loss"]

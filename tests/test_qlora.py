@@ -36,6 +36,16 @@ def test_nf4_linear_computes_with_the_dequantised_weight():
     assert all(b.dtype in (torch.uint8, torch.float32) for b in q.buffers())
 
 
+@pytest.mark.parametrize("shape", [(48, 64), (7, 9), (3, 300)])
+def test_the_whole_weight_gpu_formula_equals_the_chunked_one(shape):
+    from lorakit.nf4 import NF4_CODE, block_absmax, quantize_nf4
+    from lorakit.quantized import dequantize_whole
+
+    q = quantize_nf4(torch.randn(shape))
+    whole = dequantize_whole(q.data, block_absmax(q), NF4_CODE, q.blocksize, q.numel, torch.float32)
+    assert torch.equal(whole.view(shape), dequantize_nf4(q))
+
+
 def test_bitsandbytes_linear4bit_agrees():
     import bitsandbytes as bnb
 
