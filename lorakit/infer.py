@@ -77,7 +77,8 @@ def load_for_inference(args: InferArgs):
     adapter = Path(args.adapter) if args.adapter else None
     if adapter is not None and not adapter.is_dir():
         raise FileNotFoundError(f"--adapter folder not found: {adapter}")
-    labels = json.loads((adapter / "labels.json").read_text()) if adapter and (adapter / "labels.json").is_file() else []
+    labels_file = adapter / "labels.json" if adapter else None
+    labels = json.loads(labels_file.read_text()) if labels_file and labels_file.is_file() else []
     task = "seq_cls" if labels else "causal_lm"
     is_peft = adapter is not None and (adapter / "adapter_config.json").is_file()
     if is_peft:

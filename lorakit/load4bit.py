@@ -48,7 +48,8 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
-def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str], **config_kwargs) -> tuple[nn.Module, list[str]]:
+def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
+             **config_kwargs) -> tuple[nn.Module, list[str]]:
     """(model, names of the NF4 layers): every nn.Linear outside `skip` (last name parts) in NF4,
     the rest in `dtype`. Parameters the checkpoint lacks (a new classifier head) are initialised
     as from_pretrained would; any other missing key is an error."""

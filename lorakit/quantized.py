@@ -61,7 +61,8 @@ class NF4Linear(nn.Module):
         self.register_buffer("weight_packed", q.data)
         for name in _STATE:
             self.register_buffer(f"weight_{name}", getattr(q, name))
-        self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False))
+        frozen_bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.register_parameter("bias", frozen_bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:

@@ -78,9 +78,9 @@ def prepare_data(args: TrainArgs, tokenizer) -> PreparedData:
 
 # Settings that decide which steps a run takes: resuming with other values would not continue it.
 TRAJECTORY_FIELDS = ("model", "dataset", "val_dataset", "val_split_ratio", "train_type", "target_modules",
-                     "quant_bits", "lora_rank", "lora_alpha", "max_length", "train_on_prompt", "num_train_epochs", "max_steps",
-                     "learning_rate", "loraplus_lr_ratio", "lr_scheduler_type", "warmup_ratio",
-                     "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
+                     "quant_bits", "lora_rank", "lora_alpha", "max_length", "train_on_prompt",
+                     "num_train_epochs", "max_steps", "learning_rate", "loraplus_lr_ratio", "lr_scheduler_type",
+                     "warmup_ratio", "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
 
 
 def check_same_trajectory(saved: dict, current: dict, path: Path) -> None:
