@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .inject import replace_module
-from .nf4 import quantize_nf4
+from .nf4 import from_state_dict, quantize_nf4, to_state_dict
 from .quantized import NF4Linear
 
 
@@ -37,6 +37,22 @@ def _model_key(key: str, model_keys: set[str], prefix: str) -> str | None:
         if candidate in model_keys:
             return candidate
     return None
+
+
+def _quant_state_owner(key: str) -> tuple[str, bool]:
+    """("module", True) for a bitsandbytes quant-state key "module.weight.<state>"; else (key's module, False)."""
+    head, _, tail = key.partition(".weight.")
+    if tail in ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4"):
+        return head, True
+    return key.removesuffix(".weight"), False
+
+
+def _put_nf4(model: nn.Module, module_name: str, q) -> None:
+    """Replace a (still empty) Linear by an NF4Linear holding `q`, keeping its bias slot."""
+    old = model.get_submodule(module_name)
+    layer = NF4Linear(q)
+    layer.bias = old.bias  # loaded already, or still empty until its key comes
+    replace_module(model, module_name, layer)
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -64,25 +80,33 @@ def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
                 and m is not model.get_output_embeddings()}
     model_keys = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "")
-    loaded = set()
+    loaded, prequantized = set(), {}
     from safetensors import safe_open
 
     for file in checkpoint_files(Path(folder)):
         with safe_open(str(file), framework="pt") as reader:
-            for key in reader.keys():
+            keys = set(reader.keys())
+            for key in sorted(keys):
+                owner, is_state = _quant_state_owner(key)
+                if is_state or f"{key}.quant_state.bitsandbytes__nf4" in keys:
+                    prequantized.setdefault(owner, {})[key] = reader.get_tensor(key)
+                    continue
                 name = _model_key(key, model_keys, prefix)
                 if name is None:
                     continue
                 tensor = reader.get_tensor(key)
                 module_name, _, attr = name.rpartition(".")
                 if module_name in quantize and attr == "weight":
-                    old = model.get_submodule(module_name)
-                    layer = NF4Linear(quantize_nf4(tensor.to(dtype)))
-                    layer.bias = old.bias  # loaded already, or still empty until its key comes
-                    replace_module(model, module_name, layer)
+                    _put_nf4(model, module_name, quantize_nf4(tensor.to(dtype)))
                 else:
                     _set_tensor(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
                 loaded.add(name)
+    for owner, state in prequantized.items():  # a checkpoint saved in bitsandbytes' 4-bit form
+        name = _model_key(f"{owner}.weight", model_keys, prefix)
+        if name is None:
+            raise ValueError(f"4-bit checkpoint weight {owner}.weight matches no module of {type(model).__name__}")
+        _put_nf4(model, name.removesuffix(".weight"), from_state_dict(state, prefix=f"{owner}.weight"))
+        loaded.add(name)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     _initialise_missing(model, model_keys - loaded)
@@ -103,3 +127,32 @@ def _initialise_missing(model: nn.Module, missing: set[str]) -> None:
         module = model.get_submodule(owner)
         module.to_empty(device="cpu")
         model._init_weights(module)
+
+
+def save_nf4(model: nn.Module, folder: str) -> None:
+    """Save a model holding NF4Linear layers as transformers saves a bitsandbytes 4-bit model: the
+    same tensor keys and a `quantization_config` in config.json, so either library loads it."""
+    from safetensors.torch import save_file
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    state, seen = {}, set()
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
+    for name, module in quantized.items():
+        state.update(to_state_dict(module.quantized, prefix=f"{name}.weight"))
+        if module.bias is not None:
+            state[f"{name}.bias"] = module.bias.detach()
+    for key, tensor in model.state_dict().items():
+        if key.rpartition(".")[0] in quantized or tensor.data_ptr() in seen:  # tied weights: saved once
+            continue
+        seen.add(tensor.data_ptr())
+        state[key] = tensor.detach().contiguous()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    layers = list(quantized.values())
+    config["quantization_config"] = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": layers[0].weight_nested_absmax is not None,
+        "bnb_4bit_compute_dtype": str(layers[0].weight_dtype).removeprefix("torch."),
+        "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": None}
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))

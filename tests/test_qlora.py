@@ -151,3 +151,50 @@ def test_merge_requantized_warns_and_stays_4bit():
         got = merged(input_ids=IDS).logits
     assert not torch.equal(got, expected)  # rounding lost part of the update, but far from all of it:
     assert (got - expected).abs().mean() < 0.5 * (base - expected).abs().mean()
+
+
+def _bnb_4bit(folder) -> nn.Module:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=config, device_map="cpu").eval()
+
+
+def test_loads_a_bitsandbytes_4bit_checkpoint_without_bitsandbytes_and_saves_one_back(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.load4bit import load_nf4, save_nf4
+
+    build_model("llama").save_pretrained(str(tmp_path / "dense"))
+    reference = _bnb_4bit(tmp_path / "dense")
+    reference.save_pretrained(str(tmp_path / "bnb"))
+    ours, names = load_nf4(AutoModelForCausalLM, str(tmp_path / "bnb"), torch.float32, set())
+    assert "model.layers.1.mlp.down_proj" in names
+    bnb_layer = reference.model.layers[1].mlp.down_proj
+    import bitsandbytes.functional as bnbf
+
+    expected = bnbf.dequantize_4bit(bnb_layer.weight.data, bnb_layer.weight.quant_state)
+    assert torch.equal(ours.model.layers[1].mlp.down_proj.dequantize(), expected.reshape(32, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, reference(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+    save_nf4(ours, str(tmp_path / "ours"))
+    again = _bnb_4bit(tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=IDS).logits, reference(input_ids=IDS).logits, rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_quant_state_key_missing_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.load4bit import load_nf4
+
+    build_model("llama").save_pretrained(str(tmp_path / "dense"))
+    _bnb_4bit(tmp_path / "dense").save_pretrained(str(tmp_path / "bnb"))
+    state = load_file(str(tmp_path / "bnb" / "model.safetensors"))
+    del state["model.layers.0.self_attn.q_proj.weight.nested_absmax"]
+    save_file(state, str(tmp_path / "bnb" / "model.safetensors"))
+    with pytest.raises((KeyError, ValueError), match="model.layers.0.self_attn.q_proj.weight.nested_absmax"):
+        load_nf4(AutoModelForCausalLM, str(tmp_path / "bnb"), torch.float32, set())
