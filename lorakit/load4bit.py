@@ -89,7 +89,7 @@ def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
             for key in sorted(keys):
                 owner, is_state = _quant_state_owner(key)
                 if is_state or f"{key}.quant_state.bitsandbytes__nf4" in keys:
-                    prequantized.setdefault(owner, {})[key] = reader.get_tensor(key)
+                    prequantized.setdefault(owner, {})[key] = reader.get_tensor(key).clone()
                     continue
                 name = _model_key(key, model_keys, prefix)
                 if name is None:
@@ -98,8 +98,9 @@ def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
                 module_name, _, attr = name.rpartition(".")
                 if module_name in quantize and attr == "weight":
                     _put_nf4(model, module_name, quantize_nf4(tensor.to(dtype)))
-                else:
-                    _set_tensor(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+                else:  # a copy: a view into the mapped file would keep all of the file resident
+                    _set_tensor(model, name, tensor.to(dtype, copy=True) if tensor.is_floating_point()
+                                else tensor.clone())
                 loaded.add(name)
     for owner, state in prequantized.items():  # a checkpoint saved in bitsandbytes' 4-bit form
         name = _model_key(f"{owner}.weight", model_keys, prefix)

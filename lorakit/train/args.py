@@ -74,7 +74,7 @@ class TrainArgs:
     max_steps: int = field(default=-1, metadata=_help("Optimiser steps; -1 = from epochs."))
     learning_rate: Optional[float] = field(default=None, metadata=_help(
         "Peak learning rate. Default: 1e-4 for LoRA SFT, 1e-3 for LoRA classification, "
-        "1e-5 / 2e-5 for full fine-tuning."))
+        "1e-5 / 5e-5 for full fine-tuning (SFT / classification)."))
     loraplus_lr_ratio: Optional[float] = field(default=None, metadata=_help(
         "LoRA+: lora_B learns at learning_rate times this ratio (e.g. 16)."))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))

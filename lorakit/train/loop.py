@@ -43,7 +43,7 @@ class PreparedData:
 
 def default_learning_rate(train_type: str, task: str) -> float:
     if train_type == "full":
-        return 2e-5 if task == "seq_cls" else 1e-5
+        return 5e-5 if task == "seq_cls" else 1e-5
     return 1e-3 if task == "seq_cls" else 1e-4
 
 
@@ -110,7 +110,8 @@ def resolve_args(args: TrainArgs, data: PreparedData) -> TrainArgs:
     """Fill the 'auto' fields with what this run actually uses (saved as run_config.yaml)."""
     return dataclasses.replace(
         args, task_type=data.task, dataset_format=data.fmt, labels=list(data.labels),
-        learning_rate=args.learning_rate or default_learning_rate(args.train_type, data.task))
+        learning_rate=(args.learning_rate if args.learning_rate is not None
+                       else default_learning_rate(args.train_type, data.task)))
 
 
 def build_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW:
@@ -296,7 +297,7 @@ def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
                dynamic_ncols=True)
     last_checkpoint = checkpoints.list_checkpoints(out)[-1] if args.resume else None
     rng_at_step = checkpoints.capture_rng(ctx.device)
-    tokens_seen, timer = 0, time.time()
+    tokens_seen, timer = 0, time.time()  # timer: the training loop alone (train_runtime_s)
     try:
         while step < total_steps:
             rng_at_step = checkpoints.capture_rng(ctx.device)
@@ -342,7 +343,8 @@ def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
         if log:
             log.close()
 
-    result = {"global_step": step, "train_runtime_s": round(time.time() - started, 2),
+    result = {"global_step": step, "train_runtime_s": round(time.time() - timer, 2),
+              "total_runtime_s": round(time.time() - started, 2),
               "trainable_params": n_trainable, "total_params": n_total, **_flat(history)}
     if ctx.is_main:
         save_trained(model, tokenizer, out)
@@ -356,7 +358,8 @@ def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
 
 
 def summary(result: dict, out: Path, args: TrainArgs) -> str:
-    lines = [f"done: {result['global_step']} steps in {result['train_runtime_s']:.1f}s"]
+    lines = [f"done: {result['global_step']} steps in {result['train_runtime_s']:.1f}s "
+             f"({result['total_runtime_s']:.1f}s with loading and evaluation)"]
     for key in ("loss", "accuracy"):
         before, after = result.get(f"before_eval_{key}"), result.get(f"eval_{key}")
         if before is not None and after is not None:

@@ -76,9 +76,12 @@ def load_model(model_path: str, task: str, labels: list[str], dtype: torch.dtype
             raise ValueError(f"4-bit loading reads a local model folder; {model_path!r} is not one")
         model, _ = load_nf4(auto_class, model_path, dtype, {*SEQ_CLS_HEADS, *keep_dense}, **head)
     elif task == "seq_cls":
+        verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "newly initialised classifier" is expected here
-        model = _from_pretrained(auto_class, model_path, dtype=dtype, ignore_mismatched_sizes=True, **head)
-        hf_logging.set_verbosity_warning()  # (ignore_mismatched_sizes: a head for other labels is replaced)
+        try:  # ignore_mismatched_sizes: a head for other labels is replaced
+            model = _from_pretrained(auto_class, model_path, dtype=dtype, ignore_mismatched_sizes=True, **head)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     else:
         model = _from_pretrained(auto_class, model_path, dtype=dtype)
     if model.config.pad_token_id is None and hasattr(model.config, "eos_token_id"):
