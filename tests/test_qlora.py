@@ -198,3 +198,19 @@ def test_quant_state_key_missing_is_named(tmp_path):
     save_file(state, str(tmp_path / "bnb" / "model.safetensors"))
     with pytest.raises((KeyError, ValueError), match="model.layers.0.self_attn.q_proj.weight.nested_absmax"):
         load_nf4(AutoModelForCausalLM, str(tmp_path / "bnb"), torch.float32, set())
+
+
+def test_4bit_loading_never_imports_bitsandbytes(tmp_path):
+    import subprocess
+    import sys
+
+    build_model("llama").save_pretrained(str(tmp_path / "dense"))
+    _bnb_4bit(tmp_path / "dense").save_pretrained(str(tmp_path / "bnb"))
+    script = ("import sys; sys.modules['bitsandbytes'] = None  # any import of it now fails\n"
+              "import torch; from transformers import AutoModelForCausalLM\n"
+              "from lorakit.load4bit import load_nf4\n"
+              f"model, names = load_nf4(AutoModelForCausalLM, {str(tmp_path / 'bnb')!r}, torch.float32, set())\n"
+              "print(len(names), model(torch.tensor([[1, 2, 3]])).logits.isfinite().all().item())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["14", "True"]
