@@ -13,6 +13,7 @@ bitsandbytes/transformers and back (`to_state_dict` / `from_state_dict`), withou
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -59,7 +60,10 @@ def _lookup_table(code: Tensor) -> Tensor:
     return torch.searchsorted((code[:-1] + code[1:]) * 0.5, steps).to(torch.uint8)
 
 
-_DYNAMIC_LUT = _lookup_table(DYNAMIC_MAP)
+@functools.cache
+def _dynamic_lut() -> Tensor:
+    """The rounding table for DYNAMIC_MAP, built on first use (it is not needed to import lorakit)."""
+    return _lookup_table(DYNAMIC_MAP)
 
 
 @dataclass(eq=False)
@@ -147,7 +151,7 @@ def _quantize_8bit(x: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     absmax = blocks.abs().amax(dim=1)
     scaled = (blocks * (1.0 / absmax)[:, None]).clamp(-1.0, 1.0)
     step = ((scaled + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int32).clamp_(0, 65535)  # NaN (0/0) -> 0
-    codes = _DYNAMIC_LUT.to(x.device)[step]
+    codes = _dynamic_lut().to(x.device)[step]
     codes[absmax == 0] = 0  # an all-zero block stores code 0 (and maximum 0)
     return codes.view(-1)[:n], absmax
 
