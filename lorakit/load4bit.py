@@ -80,7 +80,7 @@ def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
                 and m is not model.get_output_embeddings()}
     model_keys = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "")
-    loaded, prequantized = set(), {}
+    prequantized = {}
     from safetensors import safe_open
 
     for file in checkpoint_files(Path(folder)):
@@ -101,21 +101,20 @@ def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
                 else:  # a copy: a view into the mapped file would keep all of the file resident
                     _set_tensor(model, name, tensor.to(dtype, copy=True) if tensor.is_floating_point()
                                 else tensor.clone())
-                loaded.add(name)
     for owner, state in prequantized.items():  # a checkpoint saved in bitsandbytes' 4-bit form
         name = _model_key(f"{owner}.weight", model_keys, prefix)
         if name is None:
             raise ValueError(f"4-bit checkpoint weight {owner}.weight matches no module of {type(model).__name__}")
         _put_nf4(model, name.removesuffix(".weight"), from_state_dict(state, prefix=f"{owner}.weight"))
-        loaded.add(name)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    _initialise_missing(model, model_keys - loaded)
+    _initialise_missing(model)
     model.requires_grad_(False)
     return model.eval(), sorted(quantize)  # eval mode, as from_pretrained returns models
 
 
-def _initialise_missing(model: nn.Module, missing: set[str]) -> None:
+def _initialise_missing(model: nn.Module) -> None:
+    """Initialise parameters still empty after loading (a new head); anything else is an error."""
     still_meta = {n for n, p in model.named_parameters() if p.is_meta}
     if not still_meta:
         return
