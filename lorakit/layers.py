@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import lora_delta
 from .quantized import NF4Linear
 
 
@@ -228,12 +229,15 @@ class LoraLinear(LoraLayer):
         weight = self.weight_out_in()
         return torch.linalg.norm(weight + delta_out_in.to(weight.dtype), dim=1).to(weight.dtype)
 
+    def dropout_p(self, name: str) -> float:
+        dropout = self.lora_dropout[name]
+        return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
     def adapter_output(self, x, name, base_out):
-        A, B, dropout, s = self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name]
-        x = x.to(A.weight.dtype)
         if name not in self.lora_magnitude_vector:
-            return B(A(dropout(x))) * s
-        return self._dora_output(x, name, base_out)
+            return lora_delta(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                              self.dropout_p(name))
+        return self._dora_output(x.to(self.lora_A[name].weight.dtype), name, base_out)
 
     def _dora_output(self, x, name, base_out):
         """DoRA: m * (W + sBA) x / ||W + sBA||, expressed as a correction to the base output."""

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from . import checkpoint, merge
+from . import checkpoint, lean_loss, merge
 from .config import CONFIG_NAME, LoraConfig
 from .inject import LoraModel
 
@@ -18,6 +18,7 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default"):
         super().__init__()
         self.base_model = LoraModel(model, peft_config, adapter_name)
+        lean_loss.install(model)  # the same causal-LM loss, without autograd's vocab-sized copies
         if hasattr(model, "enable_input_require_grads") and any(
                 getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
@@ -83,12 +84,12 @@ class PeftModel(nn.Module):
                          quantized_merge: str | None = None) -> nn.Module:
         """The base model with the active adapters folded into its weights, plain modules only.
         Over a 4-bit base, quantized_merge='dequantize' or 'requantize' says what the merged layers become."""
-        return merge.unload(self.base_model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names,
-                            quantized_merge=quantized_merge)
+        return lean_loss.uninstall(merge.unload(self.base_model, merge=True, safe_merge=safe_merge,
+                                                adapter_names=adapter_names, quantized_merge=quantized_merge))
 
     def unload(self) -> nn.Module:
         """The base model with the LoRA layers taken out, nothing merged."""
-        return merge.unload(self.base_model, merge=False)
+        return lean_loss.uninstall(merge.unload(self.base_model, merge=False))
 
     # --- files ----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike,

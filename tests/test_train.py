@@ -238,18 +238,19 @@ def _reference(tiny_lm_dir, alpaca_file, tmp_path, **overrides):
 
 
 def _fail_at(monkeypatch, call: int, error):
-    """Make the call-th training loss computation fail (calls counted from 1)."""
-    real, calls = loop.loss_sum, {"n": 0}
+    """Make the call-th batch loss computation fail (calls counted from 1)."""
+    real, calls = loop.batch_loss_sum, {"n": 0}
 
-    def failing(logits, labels):
+    def failing(model, batch):
         calls["n"] += 1
         if calls["n"] == call and torch.is_grad_enabled():
             if error == "nan":
-                return real(logits, labels) * float("nan")
+                loss, logits = real(model, batch)
+                return loss * float("nan"), logits
             raise error
-        return real(logits, labels)
+        return real(model, batch)
 
-    monkeypatch.setattr(loop, "loss_sum", failing)
+    monkeypatch.setattr(loop, "batch_loss_sum", failing)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_lm_dir, alpaca_file, tmp_path, monkeypatch):
@@ -287,13 +288,13 @@ from lorakit.train.args import parse_train_args
 
 where, at = os.environ["KILL_WHERE"], int(os.environ["KILL_AT"])
 if where == "step":  # SIGKILL in the middle of a training step
-    real, calls = loop.loss_sum, [0]
-    def loss_sum(logits, labels):
+    real, calls = loop.batch_loss_sum, [0]
+    def batch_loss_sum(model, batch):
         calls[0] += 1
         if calls[0] == at:
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(logits, labels)
-    loop.loss_sum = loss_sum
+        return real(model, batch)
+    loop.batch_loss_sum = batch_loss_sum
 else:  # SIGKILL while a checkpoint folder is being written
     real_replace = os.replace
     def replace(src, dst):

@@ -16,13 +16,13 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import data as datasets_
 from ..data.encode import IGNORE_INDEX, EncodeReport, Encoded, collate, encode_examples, loss_units
 from . import checkpoints, distributed
 from .args import TrainArgs
+from .loss import batch_loss_sum
 from .metrics import METRICS_FILE, MetricsLog, plot_loss_curve
 from .model import load_model, load_tokenizer, prepare_model, resolve_model_path, save_trained
 
@@ -128,14 +128,6 @@ def build_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Adam
                              eps=args.adam_epsilon, weight_decay=args.weight_decay)
 
 
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy in fp32: next-token for [B, T, V] logits, per example for [B, C]."""
-    if logits.dim() == 3:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed + epoch)
     return torch.randperm(n, generator=generator).tolist()
@@ -162,8 +154,7 @@ def accumulate_gradients(model, examples: list[Encoded], args: TrainArgs, pad_id
             continue
         batch = {k: v.to(ctx.device) for k, v in collate(chunk, pad_id).items()}
         with autocast(ctx, bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = loss_sum(logits, batch["labels"]) / units
+            loss = batch_loss_sum(model, batch)[0] / units
         loss.backward()
         total += loss.item()
     return total
@@ -185,9 +176,9 @@ def evaluate(model, items: list[Encoded], args: TrainArgs, pad_id: int, ctx: dis
         batch = {k: v.to(ctx.device) for k, v in
                  collate(mine[start:start + args.per_device_eval_batch_size], pad_id).items()}
         with autocast(ctx, bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total += loss_sum(logits, batch["labels"]).item()
-        if logits.dim() == 2:
+            loss, logits = batch_loss_sum(model, batch)
+        total += loss.item()
+        if logits is not None and logits.dim() == 2:
             units += len(batch["labels"])
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
         else:

@@ -1,0 +1,53 @@
+"""The summed training loss of a collated batch.
+
+Causal LMs whose logits are exactly `lm_head(decoder(...))` get the output head and the
+cross-entropy only at the positions that carry a label, in chunks (lorakit.lean_loss), so the
+[tokens x vocab] logits never exist. Other models (classifiers, heads with a bias, models that
+scale or cap their logits) take the plain path through the full logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.encode import IGNORE_INDEX
+from ..lean_loss import FusedHeadCrossEntropy
+
+# model_type values whose causal-LM logits are lm_head(decoder(...).last_hidden_state), nothing more
+PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "olmo2", "starcoder2"}
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy in fp32: next-token for [B, T, V] logits, per example for [B, C]."""
+    if logits.dim() == 3:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(decoder, lm_head) of a causal LM in PLAIN_HEAD_MODEL_TYPES with a bias-free Linear head."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(hf, "config", None), "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    if not hasattr(hf, "get_decoder"):
+        return None
+    head = hf.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None:  # a LoRA-wrapped or trained-copy head
+        return None
+    return hf.get_decoder(), head
+
+
+def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(summed loss, logits or None): logits only come back from the full-logits path."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    parts = decoder_and_head(model)
+    if parts is None:
+        logits = model(**inputs).logits
+        return loss_sum(logits, batch["labels"]), logits
+    decoder, head = parts
+    hidden = decoder(**inputs).last_hidden_state[:, :-1]
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    return FusedHeadCrossEntropy.apply(hidden[keep], head.weight, labels[keep]), None

@@ -1,0 +1,69 @@
+"""lorakit.fused: the LoRA autograd function against plain autograd, and its dropout masks."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.fused import LoraMatmul, keep_mask, lora_delta
+
+
+def reference(x, A, B, scale, mask):
+    dropped = x if mask is None else x * mask
+    return F.linear(F.linear(dropped, A), B) * scale
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_gradients_equal_plain_autograd(with_mask, x_grad):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 12, generator=g, dtype=torch.float64)
+    A, B = torch.randn(4, 12, generator=g, dtype=torch.float64), torch.randn(7, 4, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 5, 12, generator=g) > 0.3 if with_mask else None
+    grads = []
+    for fn in (LoraMatmul.apply, reference):
+        leaves = [t.clone().requires_grad_(t is not x or x_grad) for t in (x, A, B)]
+        out = fn(*leaves, 1.7, mask)
+        out.backward(torch.cos(out.detach()))
+        grads.append((out.detach(), *[t.grad for t in leaves]))
+    for got, want in zip(*grads):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_keep_mask_rate_and_rng():
+    torch.manual_seed(3)
+    mask = keep_mask(torch.Size([400, 500]), 0.05, torch.device("cpu"))
+    assert mask.dtype == torch.bool and mask.shape == (400, 500)
+    assert abs((~mask).float().mean().item() - 0.05) < 0.002  # 200k draws: 5 standard errors
+    torch.manual_seed(3)
+    assert torch.equal(mask, keep_mask(torch.Size([400, 500]), 0.05, torch.device("cpu")))
+    assert keep_mask(torch.Size([7]), 0.0, torch.device("cpu")).all()
+    rows = keep_mask(torch.Size([1000, 30]), 0.5, torch.device("cpu")).float().mean(0)
+    assert (rows - 0.5).abs().max() < 0.08  # every column is random, not only some slices
+
+
+def test_lora_delta_without_grad_matches_with_grad():
+    g = torch.Generator().manual_seed(1)
+    x, A, B = torch.randn(6, 8, generator=g), torch.randn(2, 8, generator=g), torch.randn(5, 2, generator=g)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        plain = lora_delta(x, A, B, 2.0, 0.25)
+    torch.manual_seed(0)
+    fused = lora_delta(x, A.requires_grad_(), B, 2.0, 0.25)
+    assert fused.grad_fn is not None
+    torch.testing.assert_close(plain, fused.detach())
+
+
+def test_autocast_runs_in_the_autocast_dtype_and_returns_fp32_grads():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 8, generator=g, requires_grad=True)
+    A = torch.randn(2, 8, generator=g, requires_grad=True)
+    B = torch.randn(3, 2, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora_delta(x, A, B, 1.0, 0.0)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert A.grad.dtype == B.grad.dtype == x.grad.dtype == torch.float32
+    want = (torch.ones(4, 3) @ B.detach()).T @ x.detach()
+    torch.testing.assert_close(A.grad, want, rtol=0.05, atol=0.05)
