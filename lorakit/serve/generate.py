@@ -1,0 +1,166 @@
+"""Batched generation over an AdapterBank: each row has its own prompt, adapter, sampling and stops.
+
+Prompts are left-padded into one batch and prefilled at once; then each step decodes one token
+per live row against a KV cache (DynamicCache). A row that finishes leaves the batch and the
+cache, so it costs nothing afterwards. Each row samples from its own torch.Generator, so a
+seeded request gives the same tokens whatever else shares its batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import DynamicCache
+
+from .bank import AdapterBank
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    adapter: str | None = None  # None: the base model
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None  # sampling is reproducible per request given the seed, whatever else is in the batch
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # every token generated, including the EOS or the one that completed a stop string
+    text: str  # the decoded tokens (special tokens skipped), cut before the stop string if one matched
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens reached)
+    prompt_tokens: int
+
+
+class _Row:
+    """One request's decoding state: its tokens, its random stream, and the text released so far."""
+
+    def __init__(self, index: int, request: GenerationRequest, tokenizer, eos_ids: set[int]):
+        self.index, self.request, self.tokenizer, self.eos_ids = index, request, tokenizer, eos_ids
+        self.generator = torch.Generator()
+        if request.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(request.seed)
+        self.token_ids: list[int] = []
+        self.sent = ""  # text already released; stop strings and partial characters are held back
+        self.finish_reason: str | None = None
+
+    def push(self, token: int) -> str:
+        """Take the next token; return the text it makes final (maybe empty)."""
+        self.token_ids.append(token)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        stops = [i for i in (text.find(s, len(self.sent)) for s in self.request.stop if s) if i >= 0]
+        if stops:
+            self.finish_reason, end = "stop", min(stops)
+        elif token in self.eos_ids:
+            self.finish_reason, end = "stop", len(text)
+        elif len(self.token_ids) >= self.request.max_new_tokens:
+            self.finish_reason, end = "length", len(text)
+        else:
+            end = _releasable(text, self.request.stop)
+        delta = text[len(self.sent):end]
+        self.sent += delta
+        return delta
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.token_ids, self.sent, self.finish_reason, len(self.request.prompt_ids))
+
+
+def _releasable(text: str, stops: list[str]) -> int:
+    """How much of `text` is final: not a partial UTF-8 character (decoded as U+FFFD) at the end,
+    and not an ending that could still grow into a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    held = max((k for s in stops for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
+    return end - held
+
+
+def _check(requests: list[GenerationRequest], vocab_size: int, max_positions: int | None) -> None:
+    for i, r in enumerate(requests):
+        where = f"request {i}"
+        if not r.prompt_ids:
+            raise ValueError(f"{where}: prompt_ids is empty; give at least one token")
+        if not all(0 <= t < vocab_size for t in r.prompt_ids):
+            raise ValueError(f"{where}: prompt_ids must be token ids in [0, {vocab_size})")
+        if r.max_new_tokens < 1:
+            raise ValueError(f"{where}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        if r.temperature < 0:
+            raise ValueError(f"{where}: temperature must be >= 0 (0 is greedy), got {r.temperature}")
+        if not 0 < r.top_p <= 1:
+            raise ValueError(f"{where}: top_p must be in (0, 1], got {r.top_p}")
+        if max_positions and len(r.prompt_ids) + r.max_new_tokens > max_positions:
+            raise ValueError(f"{where}: {len(r.prompt_ids)} prompt tokens + max_new_tokens={r.max_new_tokens} "
+                             f"exceed the model's {max_positions} positions")
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """EOS as the tokenizer and the model's generation config (as HF generate) define it."""
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(config_eos) if isinstance(config_eos, list) else {config_eos}
+    return ids - {None}
+
+
+def _next_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    """Greedy for temperature 0; else temperature + top-p (nucleus) sampling, each row drawing
+    from its own generator (one uniform number per step, inverse-CDF over the sorted vocabulary)."""
+    tokens = logits.argmax(-1)
+    sampled = [i for i, row in enumerate(rows) if row.request.temperature > 0]
+    if sampled:
+        temperature = torch.tensor([rows[i].request.temperature for i in sampled], device=logits.device)
+        top_p = torch.tensor([rows[i].request.top_p for i in sampled], device=logits.device)
+        probs = torch.softmax(logits[sampled].float() / temperature[:, None], dim=-1)
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs[probs.cumsum(-1) - probs >= top_p[:, None]] = 0  # the smallest top set holding top_p of the mass
+        cdf = probs.cumsum(-1)
+        u = torch.cat([torch.rand(1, generator=rows[i].generator) for i in sampled]).to(logits.device)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1)
+        tokens[sampled] = order.gather(-1, pick).squeeze(-1)
+    return tokens.tolist()
+
+
+@torch.no_grad()
+def generate_batch(bank: AdapterBank, tokenizer, requests: list[GenerationRequest],
+                   on_text: Callable[[int, str], None] | None = None) -> list[GenerationResult]:
+    """Generate for all requests in one batch; results in request order. on_text(i, delta) streams
+    request i's text as it becomes final: the deltas of a request concatenate to its result.text."""
+    model = bank.model
+    config = model.config
+    _check(requests, model.get_input_embeddings().num_embeddings, getattr(config, "max_position_embeddings", None))
+    eos_ids = _eos_ids(model, tokenizer)
+    rows = [_Row(i, r, tokenizer, eos_ids) for i, r in enumerate(requests)]
+    if not rows:
+        return []
+    device = next(model.parameters()).device
+    width = max(len(r.prompt_ids) for r in requests)
+    pad = next(t for t in (tokenizer.pad_token_id, *sorted(eos_ids), 0) if t is not None)
+    input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=device)
+    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
+                        device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=config)
+    live = rows
+    while True:
+        with bank.rows([row.request.adapter for row in live]):
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                           past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        tokens = _next_tokens(logits, live)
+        for row, token in zip(live, tokens):
+            delta = row.push(token)
+            if delta and on_text is not None:
+                on_text(row.index, delta)
+        keep = [i for i, row in enumerate(live) if row.finish_reason is None]
+        if not keep:
+            break
+        if len(keep) < len(live):  # finished rows leave the batch and the cache
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, positions = mask[index], positions[index]
+            live, tokens = [live[i] for i in keep], [tokens[i] for i in keep]
+        input_ids = torch.tensor(tokens, device=device)[:, None]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    return [row.result() for row in rows]

@@ -1,0 +1,124 @@
+"""generate_batch: each row of a mixed batch generates what it would alone, and what HF generate gives."""
+import pytest
+import torch
+import transformers as tf
+
+from conftest import save_tiny_causal_lm
+from lorakit import LoraConfig, PeftModel, get_peft_model
+from lorakit.serve import AdapterBank, GenerationRequest, generate_batch
+
+PROMPTS = ["The quick brown fox", "Add the two", "What is the capital of France?", "def"]
+
+
+def make_setup(model_dir: str, attention: list[str], tmp_path_factory):
+    """(model folder, tokenizer, {adapter: folder}): a tiny LM with a real BPE tokenizer, two adapters."""
+    folders = {}
+    for seed, (name, config) in enumerate({
+        "qv": LoraConfig(r=4, lora_alpha=8, target_modules=attention, init_lora_weights=False),
+        "all": LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True, init_lora_weights=False),
+    }.items()):
+        torch.manual_seed(seed)
+        model = get_peft_model(tf.AutoModelForCausalLM.from_pretrained(model_dir), config)
+        folders[name] = str(tmp_path_factory.mktemp(name))
+        model.save_pretrained(folders[name])
+    return model_dir, tf.AutoTokenizer.from_pretrained(model_dir), folders
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_lm_dir, tmp_path_factory):
+    return make_setup(tiny_lm_dir, ["q_proj", "v_proj"], tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def gpt2_setup(tmp_path_factory):
+    return make_setup(save_tiny_causal_lm(tmp_path_factory.mktemp("gpt2"), "gpt2"), ["c_attn"], tmp_path_factory)
+
+
+def make_bank(setup) -> AdapterBank:
+    model_dir, _, folders = setup
+    bank = AdapterBank(tf.AutoModelForCausalLM.from_pretrained(model_dir).eval())
+    for name, folder in folders.items():
+        bank.load(name, folder)
+    return bank
+
+
+def requests(tokenizer, **overrides) -> list[GenerationRequest]:
+    """Different prompt lengths, adapters and lengths in one batch."""
+    adapters, lengths = ["qv", None, "all", "qv"], [10, 6, 12, 3]
+    return [GenerationRequest(tokenizer(p)["input_ids"], adapter=a, max_new_tokens=n, **overrides)
+            for p, a, n in zip(PROMPTS, adapters, lengths)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_rows_equal_alone_and_hf_generate(arch, request):
+    setup = request.getfixturevalue("setup" if arch == "llama" else "gpt2_setup")
+    model_dir, tokenizer, folders = setup
+    bank = make_bank(setup)
+    batch = requests(tokenizer)
+    streamed = ["", "", "", ""]
+    results = generate_batch(bank, tokenizer, batch, on_text=lambda i, d: streamed.__setitem__(i, streamed[i] + d))
+    for i, (request, result) in enumerate(zip(batch, results)):
+        alone = generate_batch(bank, tokenizer, [request])[0]
+        assert result == alone, f"row {i}"
+        assert streamed[i] == result.text
+        assert result.prompt_tokens == len(request.prompt_ids)
+        assert result.finish_reason == ("length" if len(result.token_ids) == request.max_new_tokens else "stop")
+        model = tf.AutoModelForCausalLM.from_pretrained(model_dir)
+        if request.adapter is not None:
+            model = PeftModel.from_pretrained(model, folders[request.adapter])
+        hf = model.generate(torch.tensor([request.prompt_ids]), max_new_tokens=request.max_new_tokens,
+                            do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert result.token_ids == hf[0, len(request.prompt_ids):].tolist(), f"row {i} ({request.adapter})"
+    assert results[0].token_ids != results[1].token_ids  # adapters steer the tiny model
+
+
+def test_seeded_sampling_is_per_row(setup):
+    _, tokenizer, _ = setup
+    bank = make_bank(setup)
+    batch = requests(tokenizer, temperature=1.0, top_p=0.9, seed=7)
+    batch[1].temperature = 0.0
+    results = generate_batch(bank, tokenizer, batch)
+    for request, result in zip(batch, results):
+        assert result == generate_batch(bank, tokenizer, [request])[0]
+    reseeded = GenerationRequest(batch[2].prompt_ids, "all", 12, temperature=1.0, seed=8)
+    assert generate_batch(bank, tokenizer, [reseeded])[0].token_ids != results[2].token_ids
+
+
+def test_stop_strings_and_eos(setup):
+    _, tokenizer, _ = setup
+    bank = make_bank(setup)
+    request = GenerationRequest(tokenizer(PROMPTS[0])["input_ids"], adapter="qv", max_new_tokens=12)
+    full = generate_batch(bank, tokenizer, [request])[0]
+    assert full.finish_reason == "length"
+    stop = full.text[len(full.text) // 2:][:2]
+    cut = full.text.index(stop)
+    deltas = []
+    request.stop = ["never matches", stop]
+    stopped = generate_batch(bank, tokenizer, [request], on_text=lambda i, d: deltas.append(d))[0]
+    assert (stopped.text, stopped.finish_reason) == (full.text[:cut], "stop")
+    assert "".join(deltas) == stopped.text
+    assert stopped.token_ids == full.token_ids[:len(stopped.token_ids)]
+    assert tokenizer.decode(stopped.token_ids).find(stop) >= 0  # ids run up to the token completing the stop
+    eos = full.token_ids[3]
+    bank.model.generation_config.eos_token_id = eos
+    ended = generate_batch(bank, tokenizer, [GenerationRequest(request.prompt_ids, "qv", 12)])[0]
+    assert ended.finish_reason == "stop" and ended.token_ids == full.token_ids[:full.token_ids.index(eos) + 1]
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"prompt_ids": []}, "prompt_ids is empty"),
+    ({"prompt_ids": [10**6]}, "token ids in"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"max_new_tokens": 10**6}, "positions"),
+])
+def test_bad_requests_are_refused(setup, change, match):
+    _, tokenizer, _ = setup
+    bank = make_bank(setup)
+    good = GenerationRequest([5, 6], max_new_tokens=2)
+    bad = GenerationRequest(**{**good.__dict__, **change})
+    with pytest.raises(ValueError, match=f"request 1: .*{match}"):
+        generate_batch(bank, tokenizer, [good, bad])
+    with pytest.raises(KeyError, match="'missing'"):
+        generate_batch(bank, tokenizer, [GenerationRequest([5], adapter="missing")])
