@@ -8,6 +8,7 @@ import sys
 VERBS = {
     "train": "fine-tune with LoRA / DoRA / full (no arguments: a MiniLM demo that runs offline)",
     "infer": "generate or classify with a trained adapter",
+    "serve": "OpenAI-compatible HTTP server: one base model, many adapters, batched",
 }
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, ImportError)
 
@@ -32,6 +33,18 @@ def _infer(argv: list[str]) -> int:
     return 0
 
 
+def _serve(argv: list[str]) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"lorakit serve needs {err.name}: pip install 'lorakit[serve]'") from None
+    from .serve.server import parse_serve_args, run_server
+
+    run_server(parse_serve_args(argv))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lorakit", description="LoRA fine-tuning and inference.",
@@ -42,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return {"train": _train, "infer": _infer}[ns.verb](ns.flags)
+        return {"train": _train, "infer": _infer, "serve": _serve}[ns.verb](ns.flags)
     except USER_ERRORS as err:
         print(f"lorakit {ns.verb}: error: {err}", file=sys.stderr)
         return 2

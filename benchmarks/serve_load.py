@@ -1,0 +1,233 @@
+"""Load test of `lorakit serve` on loopback: many concurrent clients over many adapters.
+
+    python benchmarks/serve_load.py            # 4-layer Llama (d=256), 64 clients x 4 requests, 8 adapters
+    python benchmarks/serve_load.py --small    # a quick run (the slow test runs this)
+
+Starts `lorakit serve` in a subprocess on 127.0.0.1 with a random Llama and random r=8 adapters,
+then (1) `--clients` asyncio clients (the official async openai client) each send
+`--requests` completions, cycling over `--adapters` adapters, half of them streamed; every
+answer must arrive and equal the same request generated alone (greedy, generate_batch with
+one request), else the run fails. (2) Server throughput with 1, 8 and 32 adapters in the mix.
+Prints requests/s and completion tokens/s. Bounded: a fixed number of requests, then it stops.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Add the two numbers and give the sum.",
+          "What is the capital of France? Paris is the capital of France.", "Sort these words: pear, apple.",
+          "Translate to French: good morning. Bonjour.", "Write a short poem about the sea and the sky.",
+          "def add(a, b): return a + b", "0 1 2 3 4 5 6 7 8 9 10 plus minus equals"]
+RANK = 8
+
+
+def save_model(folder: Path, hidden: int, layers: int) -> None:
+    """A random Llama with a small byte-level BPE tokenizer, saved as a transformers folder."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.save_pretrained(str(folder))
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                            num_hidden_layers=layers, num_attention_heads=hidden // 64 or 1,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    tf.LlamaForCausalLM(config).save_pretrained(str(folder))
+
+
+def save_adapters(model_dir: Path, folder: Path, count: int) -> None:
+    """`count` random all-linear LoRA adapters a0, a1, ... in PEFT's format."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import LoraConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    for i in range(count):
+        g = torch.Generator().manual_seed(i)
+        tensors = {}
+        for name, m in linears:
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(RANK, m.in_features, generator=g) \
+                / math.sqrt(m.in_features)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(m.out_features, RANK, generator=g) * 0.1
+        path = folder / f"a{i}"
+        path.mkdir(parents=True)
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+                   ).save_pretrained(str(path))
+
+
+@contextlib.contextmanager
+def running_server(model_dir: Path, adapters_dir: Path, max_loaded: int, batch: int, window_ms: float):
+    """`lorakit serve` in a subprocess on a free loopback port; yields its /v1 URL, stops it after."""
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "lorakit", "serve", "--model", str(model_dir), "--adapters", str(adapters_dir),
+               "--port", str(port), "--max_loaded_adapters", str(max_loaded), "--max_batch_size", str(batch),
+               "--batch_window_ms", str(window_ms), "--log_level", "warning"]
+    server = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"lorakit serve exited with code {server.returncode}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError("lorakit serve did not start within 120 s")
+            time.sleep(0.2)
+        yield url + "/v1"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+async def ask(client, job: dict) -> tuple[str, int]:
+    """(text, completion tokens) of one completion, streamed or not."""
+    args = dict(model=job["model"], prompt=job["prompt"], max_tokens=job["max_tokens"], temperature=0)
+    if not job["stream"]:
+        reply = await client.completions.create(**args)
+        return reply.choices[0].text, reply.usage.completion_tokens
+    text, tokens = [], 0
+    async for chunk in await client.completions.create(**args, stream=True, stream_options={"include_usage": True}):
+        text += [c.text for c in chunk.choices]
+        tokens = chunk.usage.completion_tokens if chunk.usage else tokens
+    return "".join(text), tokens
+
+
+async def run_clients(url: str, per_client: list[list[dict]]) -> tuple[list, float]:
+    """Every client sends its jobs one after another, all clients at once; (outcomes, seconds)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    outcomes = {}
+
+    async def one_client(jobs):
+        for job in jobs:
+            try:
+                outcomes[job["id"]] = await ask(client, job)
+            except Exception as err:
+                outcomes[job["id"]] = err
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one_client(jobs) for jobs in per_client))
+    seconds = time.perf_counter() - start
+    await client.close()
+    return [outcomes[i] for i in range(sum(map(len, per_client)))], seconds
+
+
+def make_jobs(clients: int, requests: int, adapters: int, max_tokens: int, stream_every: int) -> list[list[dict]]:
+    jobs, n = [], 0
+    for c in range(clients):
+        jobs.append([])
+        for k in range(requests):
+            jobs[-1].append(dict(id=n, model=f"a{n % adapters}", prompt=f"{CORPUS[n % len(CORPUS)]} ({c}-{k})",
+                                 max_tokens=max_tokens, stream=stream_every > 0 and n % stream_every == 0))
+            n += 1
+    return jobs
+
+
+def alone(model_dir: Path, adapters_dir: Path, jobs: list[dict]) -> list[str]:
+    """Each job generated by itself (batch of one) on a separate copy of the model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.serve import AdapterBank, GenerationRequest, generate_batch
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    bank = AdapterBank(AutoModelForCausalLM.from_pretrained(str(model_dir)).eval())
+    for name in sorted({j["model"] for j in jobs}):
+        bank.load(name, adapters_dir / name)
+    return [generate_batch(bank, tokenizer, [GenerationRequest(tokenizer(j["prompt"])["input_ids"], j["model"],
+                                                               j["max_tokens"])])[0].text for j in jobs]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="tiny model, 16 clients x 2 requests, mixes 1 and 8")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--adapters", type=int, default=8, help="adapters the load test cycles over")
+    parser.add_argument("--max_tokens", type=int, default=32)
+    parser.add_argument("--mixes", default="1,8,32", help="adapter counts for the throughput comparison")
+    parser.add_argument("--max_batch_size", type=int, default=32)
+    parser.add_argument("--batch_window_ms", type=float, default=20)
+    args = parser.parse_args(argv)
+    hidden, layers = (64, 2) if args.small else (256, 4)
+    if args.small:
+        args.clients, args.requests, args.max_tokens, args.mixes = 16, 2, 12, "1,8"
+    mixes = [int(m) for m in args.mixes.split(",")]
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, adapters_dir = Path(tmp) / "model", Path(tmp) / "adapters"
+        save_model(model_dir, hidden, layers)
+        save_adapters(model_dir, adapters_dir, max(args.adapters, *mixes))
+        with running_server(model_dir, adapters_dir, max(args.adapters, *mixes), args.max_batch_size,
+                            args.batch_window_ms) as url:
+            per_client = make_jobs(args.clients, args.requests, args.adapters, args.max_tokens, stream_every=2)
+            outcomes, seconds = asyncio.run(run_clients(url, per_client))
+            throughput = {}
+            for mix in mixes:
+                mix_jobs = make_jobs(args.clients, args.requests, mix, args.max_tokens, stream_every=0)
+                warm_up = [[dict(id=i, model=f"a{i}", prompt="warm up", max_tokens=1, stream=False)]
+                           for i in range(mix)]  # loads the adapters, so that loading is not timed
+                asyncio.run(run_clients(url, warm_up))
+                throughput[mix] = asyncio.run(run_clients(url, mix_jobs))
+        jobs = [job for jobs in per_client for job in jobs]
+        failures = [(j, o) for j, o in zip(jobs, outcomes) if isinstance(o, Exception)]
+        expected = alone(model_dir, adapters_dir, jobs)
+    mismatches = [(j, o[0], e) for j, o, e in zip(jobs, outcomes, expected)
+                  if not isinstance(o, Exception) and o[0] != e]
+    tokens = sum(o[1] for o in outcomes if not isinstance(o, Exception))
+    print(f"load test: {len(jobs)} requests from {args.clients} concurrent clients over {args.adapters} adapters "
+          f"(half streamed), max_tokens {args.max_tokens}, model d={hidden} x {layers} layers, "
+          f"{torch.get_num_threads()} torch threads")
+    print(f"  failures {len(failures)}, answers different from the request alone {len(mismatches)}")
+    print(f"  {seconds:.1f} s: {len(jobs) / seconds:.1f} requests/s, {tokens / seconds:.0f} completion tokens/s")
+    figures["load"] = dict(requests=len(jobs), failures=len(failures), mismatches=len(mismatches),
+                           requests_per_s=len(jobs) / seconds, tokens_per_s=tokens / seconds)
+    print("server throughput by adapters in the mix (same load, not streamed):")
+    print("  | adapters | requests/s | tokens/s |\n  |---|---|---|")
+    for mix, (results, secs) in throughput.items():
+        done = [r for r in results if not isinstance(r, Exception)]
+        mix_tokens = sum(r[1] for r in done)
+        print(f"  | {mix} | {len(results) / secs:.1f} | {mix_tokens / secs:.0f} |")
+        figures[f"mix{mix}"] = dict(failures=len(results) - len(done), tokens_per_s=mix_tokens / secs)
+    for job, err in failures[:3]:
+        print(f"  failed: {job}: {err!r}")
+    for job, got, want in mismatches[:3]:
+        print(f"  mismatch: {job}: served {got!r}, alone {want!r}")
+    if failures or mismatches or any(f["failures"] for k, f in figures.items() if k.startswith("mix")):
+        raise SystemExit("load test failed")
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The HTTP API: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus /health.
+
+The request's `model` picks what answers: the base model's name (`Service.base_name`) or the
+name of an adapter folder. Every error is a 4xx/5xx with OpenAI's {"error": {...}} body.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from .batcher import Batcher, Job, ShuttingDown
+from .generate import GenerationRequest
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, Reply
+from .registry import AdapterLoadError, UnknownAdapter
+
+
+@dataclass
+class Service:
+    """What the routes need: the batcher (with its registry), the tokenizer, names and limits."""
+    batcher: Batcher
+    tokenizer: object
+    base_name: str
+    context_length: int
+    vocab_size: int
+    max_tokens_limit: int = 1024
+    max_body_bytes: int = 1 << 20
+
+    def adapter_for(self, model: str) -> str | None:
+        """The adapter a request's `model` names (None: the base model), or a 404."""
+        if model == self.base_name:
+            return None
+        try:
+            self.batcher.registry.folder(model)
+        except UnknownAdapter as err:
+            raise APIError(404, str(err), param="model", code="model_not_found") from None
+        return model
+
+
+def create_app(service: Service) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.batcher.start()
+        yield
+        service.batcher.stop()
+
+    app = FastAPI(title="lorakit serve", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=service.max_body_bytes)
+    started = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        if content_type != "application/json" and not content_type.endswith("+json"):
+            # JSON is read only when declared so (a browser page cannot post it cross-site unasked)
+            return await _api_error(request, APIError(400, "send the request body as JSON, with the header "
+                                                      "Content-Type: application/json"))
+        return await _api_error(request, validation_error(err))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, err: HTTPException):
+        return await _api_error(request, APIError(err.status_code, f"{request.method} {request.url.path}: "
+                                                  f"{err.detail}"))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, err: Exception):
+        return await _api_error(request, APIError(500, f"internal server error: {type(err).__name__}: {err}",
+                                                  type="server_error"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "loaded_adapters": service.batcher.registry.loaded}
+
+    @app.get("/v1/models")
+    def models():  # a plain def: FastAPI runs it in a thread, so the folder scan does not block the loop
+        adapters = [n for n in service.batcher.registry.names() if n != service.base_name]
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": started, "owned_by": "lorakit",
+             "parent": None if name == service.base_name else service.base_name}
+            for name in [service.base_name, *adapters]]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        return await answer(service, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        return await answer(service, body)
+
+    return app
+
+
+async def answer(service: Service, body: CompletionRequest | ChatCompletionRequest):
+    """Check the request, queue it, and answer with the whole result or a stream of chunks."""
+    body.check_supported()
+    adapter = service.adapter_for(body.model)
+    prompt_ids = body.prompt_ids(service.tokenizer)
+    request = GenerationRequest(
+        prompt_ids=prompt_ids, adapter=adapter,
+        max_new_tokens=check_lengths(service, prompt_ids, body.max_new_tokens, body.PROMPT_FIELD),
+        temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's defaults
+        top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=body.stop)
+    reply = Reply(chat=isinstance(body, ChatCompletionRequest), model=body.model)
+    job = service.batcher.submit(request, stream=bool(body.stream))
+    try:
+        if not body.stream:
+            result = await next_result(job)
+            return reply.whole(result.text, result.finish_reason, result.prompt_tokens, len(result.token_ids))
+        first = await job.events.get()  # wait for it, so that a failure still gets its HTTP status
+        if first[0] == "error":
+            raise as_api_error(first[1])
+    except BaseException:
+        job.cancelled = True
+        raise
+    return StreamingResponse(stream_events(job, reply, first, body.include_usage), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def check_lengths(service: Service, prompt_ids: list[int], max_tokens: int | None, prompt_field: str) -> int:
+    """The number of tokens to generate, or a 400 when the request does not fit the limits."""
+    if not prompt_ids:
+        raise APIError(400, f"{prompt_field} is empty: give at least one token of text", param=prompt_field)
+    if min(prompt_ids) < 0 or max(prompt_ids) >= service.vocab_size:
+        raise APIError(400, f"token ids must be in [0, {service.vocab_size})", param=prompt_field)
+    room = service.context_length - len(prompt_ids)
+    if max_tokens is not None and max_tokens > service.max_tokens_limit:
+        raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {service.max_tokens_limit}",
+                       param="max_tokens", code="max_tokens_exceeded")
+    wanted = max_tokens or min(service.max_tokens_limit, room)
+    if wanted > room or room < 1:
+        raise APIError(400, f"this model's maximum context length is {service.context_length} tokens; the "
+                            f"request has {len(prompt_ids)} in the {prompt_field} and asks for {max(wanted, 1)} "
+                            f"more: shorten the {prompt_field} or lower max_tokens",
+                       param=prompt_field, code="context_length_exceeded")
+    return wanted
+
+
+async def next_result(job: Job):
+    """The job's GenerationResult, skipping text events; its error as an APIError."""
+    while True:
+        kind, value = await job.events.get()
+        if kind == "done":
+            return value
+        if kind == "error":
+            raise as_api_error(value)
+
+
+async def stream_events(job: Job, reply: Reply, event: tuple, include_usage: bool):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    try:
+        if reply.chat:
+            yield sse(reply.role_chunk())
+        while True:
+            kind, value = event
+            if kind == "text":
+                yield sse(reply.chunk(value))
+            elif kind == "done":
+                yield sse(reply.chunk(None, value.finish_reason))
+                if include_usage:
+                    yield sse(reply.usage_chunk(value.prompt_tokens, len(value.token_ids)))
+                break
+            else:
+                yield sse(as_api_error(value).body())
+                break
+            event = await job.events.get()
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled = True
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def as_api_error(err: Exception) -> APIError:
+    """What a failure in the worker thread looks like to the client."""
+    if isinstance(err, UnknownAdapter):
+        return APIError(404, str(err), param="model", code="model_not_found")
+    if isinstance(err, AdapterLoadError):
+        return APIError(400, str(err), param="model", code="adapter_load_failed")
+    if isinstance(err, ShuttingDown):
+        return APIError(503, str(err), type="server_error", code="shutting_down")
+    return APIError(500, f"generation failed: {type(err).__name__}: {err}", type="server_error")
+
+
+def validation_error(err: RequestValidationError) -> APIError:
+    """A pydantic/JSON error as OpenAI's 400, naming the field and what it accepts."""
+    first = err.errors()[0]
+    if first["type"] == "json_invalid":
+        reason = first.get("ctx", {}).get("error", first["msg"])
+        return APIError(400, f"the request body is not valid JSON ({reason})")
+    loc = [str(part) for part in first["loc"] if part != "body"]
+    message = first["msg"].removeprefix("Value error, ")
+    if not loc:
+        return APIError(400, f"the request body must be a JSON object ({message})")
+    return APIError(400, f"{'.'.join(loc)}: {message}", param=loc[0])
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over max_bytes gets a 413 and is never held in memory."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            size += len(message.get("body", b""))
+            if size <= self.max_bytes:
+                chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        if size > self.max_bytes:  # read to the end (and dropped) so the client sees the answer
+            error = APIError(413, f"the request body is {size} bytes; this server accepts at most "
+                                  f"{self.max_bytes} (--max_body_bytes)", code="request_too_large")
+            return await JSONResponse(error.body(), status_code=413)(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: wait for the client to disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)

@@ -1,0 +1,133 @@
+"""Gathers concurrent requests into batches and runs them on the model in one worker thread.
+
+The event loop submits a job and reads its events from an asyncio queue: ("text", delta) as text
+becomes final, then ("done", GenerationResult) or ("error", exception). The worker waits for a
+first job, collects more for `window_s` (up to `max_batch_size`, and at most as many distinct
+adapters as can be loaded at once), loads their adapters and generates them together.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .generate import GenerationRequest, generate_batch
+from .registry import AdapterRegistry
+
+log = logging.getLogger("lorakit.serve")
+
+
+@dataclass
+class Job:
+    """One request in flight: what to generate, and where its events go."""
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    stream: bool = False  # whether it wants ("text", delta) events
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # set by the event loop when the client went away
+
+    def emit(self, kind: str, value) -> None:
+        """Called from the worker thread: hand an event to the event loop."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+class ShuttingDown(RuntimeError):
+    """The server stopped before this request ran."""
+
+
+class Batcher:
+    def __init__(self, registry: AdapterRegistry, tokenizer, max_batch_size: int = 32, window_s: float = 0.01):
+        if max_batch_size < 1 or window_s < 0:
+            raise ValueError(f"max_batch_size must be >= 1 and the batch window >= 0, "
+                             f"got {max_batch_size} and {window_s}")
+        self.registry, self.tokenizer = registry, tokenizer
+        self.max_batch_size, self.window_s = max_batch_size, window_s
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._held: deque[Job] = deque()  # jobs left out of a batch for its adapter count; they go first
+        self._thread = threading.Thread(target=self._run, name="lorakit-model", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish the running batch, fail the jobs still waiting, end the worker thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def submit(self, request: GenerationRequest, stream: bool = False) -> Job:
+        """Queue a request (from the event loop); read its events from job.events."""
+        job = Job(request, asyncio.get_running_loop(), stream)
+        self._queue.put(job)
+        return job
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._run_batch(batch)
+        for job in [*self._held, *iter_queue(self._queue)]:
+            job.emit("error", ShuttingDown("the server is shutting down"))
+
+    def _next_batch(self) -> list[Job] | None:
+        """Up to max_batch_size jobs, within the adapter limit; None once stop() was called."""
+        batch: list[Job] = []
+        skipped: list[Job] = []
+        adapters: set[str] = set()
+        deadline = None
+        while len(batch) < self.max_batch_size:
+            try:
+                job = self._held.popleft() if self._held else self._queue.get(
+                    timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                break
+            if job is None:
+                self._held.extendleft(reversed(batch + skipped))
+                return None
+            if job.cancelled:
+                continue
+            name = job.request.adapter
+            if name is not None and name not in adapters and len(adapters) >= self.registry.max_loaded:
+                skipped.append(job)
+                continue
+            batch.append(job)
+            if name is not None:
+                adapters.add(name)
+            deadline = deadline or time.monotonic() + self.window_s
+        self._held.extendleft(reversed(skipped))
+        return batch
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        failures = self.registry.prepare({j.request.adapter for j in jobs if j.request.adapter is not None})
+        for job in jobs:
+            if job.request.adapter in failures:
+                job.emit("error", failures[job.request.adapter])
+        jobs = [j for j in jobs if j.request.adapter not in failures]
+        if not jobs:
+            return
+
+        def on_text(row: int, delta: str) -> None:
+            if jobs[row].stream:
+                jobs[row].emit("text", delta)
+
+        try:
+            results = generate_batch(self.registry.bank, self.tokenizer, [j.request for j in jobs], on_text)
+        except Exception as err:  # a failed batch fails its requests; the server keeps serving
+            log.exception("generation failed for a batch of %d requests", len(jobs))
+            for job in jobs:
+                job.emit("error", err)
+            return
+        for job, result in zip(jobs, results):
+            job.emit("done", result)
+
+
+def iter_queue(q: queue.Queue):
+    """What is left in a queue, without waiting (the stop marker skipped)."""
+    while True:
+        try:
+            item = q.get_nowait()
+        except queue.Empty:
+            return
+        if item is not None:
+            yield item

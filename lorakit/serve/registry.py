@@ -1,0 +1,106 @@
+"""Which adapters a server may serve (folders directly inside one directory), and which are loaded.
+
+A name is a folder name under the adapters directory, nothing else: no path separators, no `..`,
+no symlink that leads out of the directory, and only safetensors weights. Adapters load into the
+AdapterBank on first use; past `max_loaded` the least recently used one not needed now is unloaded.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class UnknownAdapter(LookupError):
+    """The name is not a servable adapter folder."""
+
+
+class AdapterLoadError(RuntimeError):
+    """The adapter folder exists but could not be loaded into the model."""
+
+
+class AdapterRegistry:
+    """Adapter folders under `root`, loaded into `bank` on demand with least-recently-used eviction."""
+
+    def __init__(self, bank, root: str | os.PathLike, max_loaded: int):
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded_adapters must be >= 1, got {max_loaded}")
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"adapters folder not found: {root}")
+        self.bank = bank
+        self.max_loaded = max_loaded
+        self._loaded: OrderedDict[str, tuple] = OrderedDict()  # name -> file stamps, oldest use first
+
+    def folder(self, name: str) -> Path:
+        """The folder of adapter `name`, or UnknownAdapter saying why it is not servable."""
+        if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+            raise UnknownAdapter(f"model {name!r} not found: adapter names are plain folder names "
+                                 "(no '/', '\\' or '..')")
+        folder = self.root / name
+        if not folder.is_dir():
+            raise UnknownAdapter(f"model {name!r} not found")
+        for path in (folder, folder / CONFIG_NAME, folder / WEIGHTS_NAME):
+            real = path.resolve()
+            if real != self.root and self.root not in real.parents:
+                raise UnknownAdapter(f"model {name!r} not found: {path.relative_to(self.root)} "
+                                     "leads outside the adapters folder")
+        if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+            raise UnknownAdapter(f"model {name!r} not found: an adapter folder needs {CONFIG_NAME} and "
+                                 f"{WEIGHTS_NAME} (only safetensors weights are served)")
+        return folder
+
+    def names(self) -> list[str]:
+        """The servable adapter names, read from disk now (new folders appear without a restart)."""
+        found = []
+        for entry in sorted(os.listdir(self.root)):
+            try:
+                self.folder(entry)
+            except UnknownAdapter:
+                continue
+            found.append(entry)
+        return found
+
+    @property
+    def loaded(self) -> list[str]:
+        """Loaded adapters, least recently used first."""
+        return list(self._loaded)
+
+    def prepare(self, names: set[str]) -> dict[str, Exception]:
+        """Load every adapter in `names` (evicting others); the ones that failed, with why."""
+        if len(names) > self.max_loaded:
+            raise ValueError(f"{len(names)} adapters requested at once; at most {self.max_loaded} can be loaded")
+        failures = {}
+        for name in names:
+            try:
+                self._ensure(name, keep=names)
+            except UnknownAdapter as err:
+                failures[name] = err
+            except Exception as err:  # a broken adapter must fail its requests, not the server
+                failures[name] = AdapterLoadError(f"adapter {name!r} could not be loaded: {err}")
+        return failures
+
+    def _ensure(self, name: str, keep: set[str]) -> None:
+        folder = self.folder(name)
+        stamp = _stamp(folder)
+        if self._loaded.get(name) == stamp:
+            self._loaded.move_to_end(name)
+            return
+        if name in self._loaded:  # its files changed on disk: load the new version
+            self._unload(name)
+        while len(self._loaded) >= self.max_loaded:
+            self._unload(next(n for n in self._loaded if n not in keep))
+        self.bank.load(name, folder)
+        self._loaded[name] = stamp
+
+    def _unload(self, name: str) -> None:
+        del self._loaded[name]
+        self.bank.unload(name)
+
+
+def _stamp(folder: Path) -> tuple:
+    """Size and modification time of the adapter's files: a change means a new version."""
+    return tuple((s.st_size, s.st_mtime_ns) for s in ((folder / f).stat() for f in (CONFIG_NAME, WEIGHTS_NAME)))

@@ -1,0 +1,105 @@
+"""`lorakit serve`: its flags, loading the base model and tokenizer, and running uvicorn."""
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class ServeArgs:
+    model: str = field(metadata={"help": "Base model: a transformers causal LM folder (or a cached hub id)."})
+    adapters: str = field(metadata={"help": (
+        "Folder of PEFT adapter folders; each subfolder's name is a model name clients can ask for. "
+        "Folders added later are served without a restart.")})
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (there is no authentication)."})
+    port: int = 8000
+    served_model_name: Optional[str] = field(default=None, metadata={"help": (
+        "The name clients use for the base model without an adapter; default: the last part of --model.")})
+    max_loaded_adapters: int = field(default=8, metadata={"help": (
+        "Adapters kept loaded at once; the least recently used one is unloaded to make room.")})
+    max_batch_size: int = field(default=16, metadata={"help": "Most requests generated together."})
+    batch_window_ms: float = field(default=10.0, metadata={"help": (
+        "How long the first request of a batch waits for others to join it.")})
+    max_tokens_limit: int = field(default=1024, metadata={"help": "Largest max_tokens a request may ask for."})
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body accepted (413 above)."})
+    log_level: str = field(default="info", metadata={"help": "uvicorn's log level."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_loaded_adapters", "max_batch_size", "max_tokens_limit", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_window_ms < 0:
+            raise ValueError(f"--batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        if not Path(self.adapters).is_dir():
+            raise FileNotFoundError(f"--adapters folder not found: {self.adapters}")
+
+
+def parse_serve_args(argv: list[str]) -> ServeArgs:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(ServeArgs, prog="lorakit serve",
+                              description="OpenAI-compatible HTTP server: one base model, many LoRA adapters.")
+    return parser.parse_args_into_dataclasses(argv)[0]
+
+
+def build_service(args: ServeArgs):
+    """The Service behind the app: base model on the best device, tokenizer, adapter bank and batcher."""
+    from ..train.model import load_model, load_tokenizer, resolve_model_path
+    from .app import Service
+    from .bank import AdapterBank
+    from .batcher import Batcher
+    from .registry import AdapterRegistry
+
+    path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = load_model(path, "causal_lm", [], dtype).to(device).eval()
+    registry = AdapterRegistry(AdapterBank(model), args.adapters, args.max_loaded_adapters)
+    config = model.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return Service(
+        batcher=Batcher(registry, tokenizer, args.max_batch_size, args.batch_window_ms / 1000),
+        tokenizer=tokenizer, base_name=args.served_model_name or Path(args.model.rstrip("/")).name,
+        context_length=context or tokenizer.model_max_length,
+        vocab_size=model.get_input_embeddings().num_embeddings,
+        max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
+
+
+def run_server(args: ServeArgs) -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    service = build_service(args)
+    print(f"lorakit serve: base model {service.base_name!r}, adapters from {args.adapters}, "
+          f"http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, log_level: str = "warning"):
+    """Run `app` with uvicorn in a thread on a free loopback port; yields its base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server failed to start; see its log above")
+            thread.join(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()
