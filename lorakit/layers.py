@@ -240,19 +240,23 @@ class LoraLinear(LoraLayer):
         return self._dora_output(x.to(self.lora_A[name].weight.dtype), name, base_out)
 
     def _dora_output(self, x, name, base_out):
-        """DoRA: m * (W + sBA) x / ||W + sBA||, expressed as a correction to the base output."""
-        A, B, dropout, s = self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name]
-        delta = (B.weight @ A.weight).detach() * s
-        norm = self._weight_norm(delta).detach()
-        mag_scale = (self.lora_magnitude_vector[name] / norm).view(1, -1)
-        if isinstance(dropout, nn.Identity) or not self.training:
-            base_no_bias = base_out if self.bias is None else base_out - self.bias
-            dropped = x
-        else:
-            dropped = dropout(x)
-            base_no_bias = F.linear(dropped, self.weight_out_in().to(x.dtype))
-        lora_out = B(A(dropped))
-        return (mag_scale - 1) * base_no_bias + mag_scale * lora_out * s
+        """DoRA: m * (W x + s B A dropout(x)) / ||W + sBA||, as a correction to the base output.
+
+        Dropout reaches only the low-rank branch. PEFT instead rescales W dropout(x), computed in a
+        second pass through the base weight; both have the same expectation (docs/speed.md)."""
+        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        with torch.no_grad():
+            norm = self._dora_norm(A, B, s)
+        scale = self.lora_magnitude_vector[name] / norm
+        base_no_bias = base_out if self.bias is None else base_out - self.bias
+        lora_out = lora_delta(x, A, B, s, self.dropout_p(name))
+        return scale * (base_no_bias + lora_out) - base_no_bias
+
+    def _dora_norm(self, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+        """Row norms of W + sBA from ||W||^2 + 2s <W A^T, B> + s^2 <B A A^T, B>, without the d_out x d_in sum."""
+        weight = self.weight_out_in().to(A.dtype)
+        squared = (weight * weight).sum(1) + 2 * s * ((weight @ A.T) * B).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
+        return squared.clamp_min(0).sqrt()
 
     def merged_weight(self, name):
         if name not in self.lora_magnitude_vector:
