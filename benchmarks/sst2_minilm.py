@@ -12,6 +12,7 @@ trainer (lorakit.train.loop.train); the probe is a few lines of plain PyTorch be
 Prints a table and writes benchmarks/results/sst2_minilm.json (see --out).
 """
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -26,9 +27,11 @@ from pathlib import Path
 import torch
 
 DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.jsonl")  # ../shared
-METHODS = ["lora_qv", "lora_all", "qlora_all", "full", "probe"]
+METHODS = ["lora_qv", "lora_all", "qlora_all", "dora_all", "dora_all_peft_dropout", "full", "probe"]
 LABELS = {"lora_qv": "LoRA r=8 query,value", "lora_all": "LoRA r=8 all-linear",
           "qlora_all": "QLoRA r=8 all-linear (NF4 base)",
+          "dora_all": "DoRA r=8 all-linear (lorakit: dropout on the low-rank branch)",
+          "dora_all_peft_dropout": "DoRA r=8 all-linear (PEFT's dropout formula)",
           "full": "full fine-tuning", "probe": "linear probe (frozen)"}
 
 
@@ -48,6 +51,31 @@ def write_jsonl(rows: list[dict], path: Path) -> str:
     return str(path)
 
 
+@contextlib.contextmanager
+def peft_dora_dropout():
+    """For the A/B of DoRA under dropout: PEFT's formula, b + W x + (m/n - 1) W drop(x) + (m/n) s B A drop(x),
+    in place of lorakit's b + (m/n) (W x + s B A drop(x))."""
+    import torch.nn.functional as F
+    from lorakit.layers import LoraLinear
+
+    def output(self, x, name, base_out):
+        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        with torch.no_grad():
+            norm = self._dora_norm(A, B, s)
+        scale = self.lora_magnitude_vector[name] / norm
+        p = self.dropout_p(name)
+        dropped = F.dropout(x, p) if p > 0 else x
+        base = F.linear(dropped, self.weight_out_in().to(x.dtype)) if p > 0 else \
+            base_out if self.bias is None else base_out - self.bias
+        return (scale - 1) * base + scale * (dropped @ A.T @ B.T) * s
+
+    original, LoraLinear._dora_output = LoraLinear._dora_output, output
+    try:
+        yield
+    finally:
+        LoraLinear._dora_output = original
+
+
 def run_lorakit(method: str, train_file: str, val_file: str, args) -> dict:
     """One lorakit training run (LoRA or full) in a fresh temp dir; returns lorakit's result dict."""
     from lorakit.train.args import TrainArgs
@@ -59,14 +87,16 @@ def run_lorakit(method: str, train_file: str, val_file: str, args) -> dict:
         targets = ["query", "value"] if method == "lora_qv" else ["all-linear"]
         train_args = TrainArgs(
             model="all-MiniLM-L6-v2", dataset=[train_file], val_dataset=[val_file],
-            train_type={"full": "full", "qlora_all": "qlora"}.get(method, "lora"), target_modules=targets,
+            train_type={"full": "full", "qlora_all": "qlora"}.get(method, "dora" if "dora" in method else "lora"),
+            target_modules=targets,
             lora_rank=args.rank, lora_alpha=args.alpha,
             learning_rate=args.lora_lr if lora else args.full_lr, num_train_epochs=args.epochs,
             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
             output_dir=out, report_to=["none"], save_total_limit=1, max_length=args.max_length,
             eval_steps=10**9, save_steps=10**9, seed=args.seed)
         start = time.perf_counter()
-        result = train(train_args)
+        with peft_dora_dropout() if method == "dora_all_peft_dropout" else contextlib.nullcontext():
+            result = train(train_args)
         result["wall_s"] = time.perf_counter() - start
         return result
     finally:
@@ -142,10 +172,11 @@ def step_timing(methods: list[str], train_rows: list[dict], args) -> dict:
             from lorakit.quantized import quantize_linears
 
             quantize_linears(model, skip={"classifier"})
-        if "lora" in method:
+        if "ora" in method:
             targets = ["query", "value"] if method == "lora_qv" else "all-linear"
             model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.05,
-                                                     target_modules=targets, task_type="SEQ_CLS"))
+                                                     target_modules=targets, task_type="SEQ_CLS",
+                                                     use_dora=method.startswith("dora")))
         elif method == "probe":
             for name, p in model.named_parameters():
                 p.requires_grad = name.startswith("classifier.")
@@ -230,7 +261,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.step_timing > 0:
         print(f"\n=== interleaved step timing, {args.step_timing} rounds ===", flush=True)
-        for method, seconds in step_timing(methods, train_rows, args).items():
+        timed = [m for m in methods if m != "dora_all_peft_dropout"]  # its formula is patched in per run only
+        for method, seconds in step_timing(timed, train_rows, args).items():
             results[method]["step_s"] = seconds
     total_s = time.perf_counter() - started
 

@@ -1,14 +1,18 @@
-"""LoRA / DoRA training step: lorakit vs PEFT through the drop-in API, side by side in one process.
+"""LoRA / DoRA training step: lorakit vs PEFT, side by side in one process.
 
     python benchmarks/train_speed.py                       # 134M Llama, fp32, 4x256 and 2x1024
     python benchmarks/train_speed.py --shapes 2x64 --layers 2 --rounds 2    # a smoke run
 
-The HF model's own forward with labels after `get_peft_model` (from lorakit, or from peft), on
-the same model and SFT batch (the first 40% of each row is prompt, label -100). Step times are
-taken in one process, the libraries taking turns and swapping who goes first each round; the
-median of per-round ratios lorakit/PEFT is reported. Peak memory is measured in a fresh process
-per (library, adapter, shape). Matmul utilisation divides the step's matmul FLOPs (forward and
-input-gradient of the frozen weights, all of the adapters) by a measured fp32 matmul peak.
+Three variants on the same model and SFT batch (the first 40% of each row is prompt, label -100):
+- peft: the HF model's own forward with labels after peft's `get_peft_model`;
+- lorakit: the same call after lorakit's `get_peft_model` (the drop-in API);
+- lorakit train: the loss `lorakit train` computes (`lorakit.train.loss.batch_loss_sum`: head and
+  cross-entropy only at labelled positions), against peft with transformers' plain loss.
+Step times are taken in one process, the variants taking turns and rotating who goes first each
+round; the median of per-round ratios to peft is reported. Peak memory is measured in a fresh
+process per (variant, adapter, shape). Matmul utilisation divides the matmul FLOPs of a full
+step (forward and input-gradient of the frozen weights, all of the adapters) by a measured fp32
+matmul peak, so a variant that skips work shows above its real utilisation.
 """
 from __future__ import annotations
 
@@ -23,6 +27,9 @@ import torch
 
 CONFIG = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
               intermediate_size=2048, vocab_size=32000)
+
+
+VARIANTS = {"peft": "peft", "lorakit": "lorakit", "lorakit train": "lorakit"}  # variant -> library
 
 
 def build(library: str, dora: bool, layers: int):
@@ -42,11 +49,17 @@ def sft_batch(batch: int, seq: int) -> dict:
     ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[:, :int(0.4 * seq)] = -100
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def step(model, inputs) -> None:
-    model(**inputs).loss.backward()
+def step(model, inputs, variant: str) -> None:
+    if variant == "lorakit train":
+        from lorakit.train.loss import batch_loss_sum
+
+        loss = batch_loss_sum(model, inputs)[0] / (inputs["labels"][:, 1:] != -100).sum()
+    else:
+        loss = model(**inputs).loss
+    loss.backward()
     for p in model.parameters():
         p.grad = None
 
@@ -71,12 +84,12 @@ def step_gflop(layers: int, batch: int, seq: int, r: int = 16) -> float:
     return (4 * frozen * tokens + 6 * adapters * tokens + 3 * attention) / 1e9
 
 
-def peak_rss_child(library: str, dora: bool, layers: int, batch: int, seq: int) -> float:
-    model, inputs = build(library, dora, layers), sft_batch(batch, seq)
-    step(model, inputs)
+def peak_rss_child(variant: str, dora: bool, layers: int, batch: int, seq: int) -> float:
+    model, inputs = build(VARIANTS[variant], dora, layers), sft_batch(batch, seq)
+    step(model, inputs, variant)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    step(model, inputs)
+    step(model, inputs, variant)
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
@@ -89,45 +102,47 @@ def main() -> None:
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        library, dora, layers, batch, seq = args.child
-        print(peak_rss_child(library, dora == "dora", int(layers), int(batch), int(seq)))
+        variant, dora, layers, batch, seq = args.child
+        print(peak_rss_child(variant, dora == "dora", int(layers), int(batch), int(seq)))
         return
     peak = matmul_peak_gflops()
     print(f"fp32 matmul peak on this machine: {peak:.1f} GFLOP/s; Llama {args.layers} layers, LoRA r=16 "
           f"all-linear, dropout 0.05, 40% prompt tokens masked")
-    print("| adapter | batch | PEFT s/step | lorakit s/step | time lorakit/PEFT | PEFT MB | lorakit MB "
-          "| memory lorakit/PEFT | matmul util. PEFT / lorakit |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| adapter | batch | variant | s/step | time / peft | peak MB | memory / peft | matmul util. |")
+    print("|---|---|---|---|---|---|---|---|")
     results = []
     for adapter in ("lora", "dora"):
         for shape in args.shapes.split(","):
             batch, seq = map(int, shape.split("x"))
-            models = {lib: build(lib, adapter == "dora", args.layers) for lib in ("peft", "lorakit")}
+            models = {v: build(lib, adapter == "dora", args.layers) for v, lib in VARIANTS.items()}
             inputs = sft_batch(batch, seq)
-            for model in models.values():
-                step(model, inputs)
-            times, ratios = {lib: [] for lib in models}, []
+            for variant, model in models.items():
+                step(model, inputs, variant)
+            times = {v: [] for v in models}
+            ratios = {v: [] for v in models}
             for r in range(args.rounds):
+                order = list(models)[r % len(models):] + list(models)[:r % len(models)]
                 this = {}
-                for lib in (("peft", "lorakit") if r % 2 == 0 else ("lorakit", "peft")):
+                for variant in order:
                     start = time.perf_counter()
-                    step(models[lib], inputs)
-                    this[lib] = time.perf_counter() - start
-                    times[lib].append(this[lib])
-                ratios.append(this["lorakit"] / this["peft"])
+                    step(models[variant], inputs, variant)
+                    this[variant] = time.perf_counter() - start
+                    times[variant].append(this[variant])
+                for variant in models:
+                    ratios[variant].append(this[variant] / this["peft"])
             del models
-            memory = {lib: float(subprocess.run(
-                [sys.executable, __file__, "--child", lib, adapter, str(args.layers), str(batch), str(seq)],
-                capture_output=True, text=True, check=True).stdout.split()[-1]) for lib in ("peft", "lorakit")}
-            t = {lib: statistics.median(v) for lib, v in times.items()}
+            memory = {v: float(subprocess.run(
+                [sys.executable, __file__, "--child", v, adapter, str(args.layers), str(batch), str(seq)],
+                capture_output=True, text=True, check=True).stdout.split()[-1]) for v in VARIANTS}
             flop = step_gflop(args.layers, batch, seq)
-            row = {"adapter": adapter, "shape": shape, "seconds": t, "time_ratio": statistics.median(ratios),
-                   "peak_mb": memory, "memory_ratio": memory["lorakit"] / memory["peft"],
-                   "util": {lib: flop / t[lib] / peak for lib in t}}
-            results.append(row)
-            print(f"| {adapter} | {shape} | {t['peft']:.2f} | {t['lorakit']:.2f} | {row['time_ratio']:.2f} "
-                  f"| {memory['peft']:.0f} | {memory['lorakit']:.0f} | {row['memory_ratio']:.2f} "
-                  f"| {row['util']['peft']:.0%} / {row['util']['lorakit']:.0%} |")
+            for variant in VARIANTS:
+                t = statistics.median(times[variant])
+                row = {"adapter": adapter, "shape": shape, "variant": variant, "seconds": t,
+                       "time_ratio": statistics.median(ratios[variant]), "peak_mb": memory[variant],
+                       "memory_ratio": memory[variant] / memory["peft"], "util": flop / t / peak}
+                results.append(row)
+                print(f"| {adapter} | {shape} | {variant} | {t:.2f} | {row['time_ratio']:.2f} | {memory[variant]:.0f} "
+                      f"| {row['memory_ratio']:.2f} | {row['util']:.0%} |", flush=True)
     print(json.dumps(results))
 
 

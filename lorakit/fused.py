@@ -33,6 +33,12 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def _apply(mask: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+    """t with the dropped elements zeroed (where() reads the bool mask directly; t * mask would
+    first convert it to t's dtype)."""
+    return t if mask is None else torch.where(mask, t, 0.0)
+
+
 class LoraMatmul(torch.autograd.Function):
     """scale * (mask * x) A^T B^T for x [..., d_in]; mask None means no dropout (scale already
     includes 1 / (1 - p) when a mask is given)."""
@@ -41,8 +47,7 @@ class LoraMatmul(torch.autograd.Function):
     def forward(ctx, x, A, B, scale: float, mask):
         dtype = compute_dtype(x, A)
         x_, A_, B_ = x.to(dtype), A.to(dtype), B.to(dtype)
-        dropped = x_ if mask is None else x_ * mask
-        h = dropped @ A_.T
+        h = _apply(mask, x_) @ A_.T
         ctx.save_for_backward(x, A, B, h, mask)
         ctx.scale, ctx.dtype = scale, dtype
         return (h @ B_.T) * scale
@@ -57,13 +62,10 @@ class LoraMatmul(torch.autograd.Function):
             grad_B = (g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1])).to(B.dtype)
         grad_h = g @ B.to(dtype)
         if ctx.needs_input_grad[1]:
-            dropped = x.to(dtype) if mask is None else x.to(dtype) * mask
+            dropped = _apply(mask, x.to(dtype))
             grad_A = (grad_h.reshape(-1, grad_h.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])).to(A.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = grad_h @ A.to(dtype)
-            if mask is not None:
-                grad_x = grad_x * mask
-            grad_x = grad_x.to(x.dtype)
+            grad_x = _apply(mask, grad_h @ A.to(dtype)).to(x.dtype)
         return grad_x, grad_A, grad_B, None, None
 
 
@@ -74,5 +76,4 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
         return LoraMatmul.apply(x, A, B, scale, mask)
     dtype = compute_dtype(x, A)
-    x = x.to(dtype) if mask is None else x.to(dtype) * mask
-    return (x @ A.to(dtype).T @ B.to(dtype).T) * scale
+    return (_apply(mask, x.to(dtype)) @ A.to(dtype).T @ B.to(dtype).T) * scale

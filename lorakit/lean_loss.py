@@ -26,18 +26,24 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool):
-    """Summed CE of one chunk and d(loss)/d(logits) (zero on ignored rows), in fp32 or wider."""
+def _loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool, out: torch.Tensor | None = None):
+    """Summed CE of one chunk and d(loss)/d(logits) (zero on ignored rows), in fp32 or wider.
+    The gradient is written into `out` when given (and returned)."""
     logits = logits.to(_loss_dtype(logits.dtype))
     valid = targets != IGNORE_INDEX
     safe = torch.where(valid, targets, 0).unsqueeze(1)
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    loss = torch.where(valid, (lse - logits.gather(1, safe)).squeeze(1), 0.0).sum()
+    picked = logits.gather(1, safe)
     if not want_grad:
-        return loss, None
-    grad = torch.exp(logits - lse)
-    grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
-    grad.mul_(valid.unsqueeze(1))
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        return torch.where(valid, (lse - picked).squeeze(1), 0.0).sum(), None
+    top = logits.amax(dim=-1, keepdim=True)
+    direct = out is not None and out.dtype == logits.dtype
+    grad = torch.sub(logits, top, out=out if direct else None).exp_()
+    sums = grad.sum(dim=-1, keepdim=True)
+    loss = torch.where(valid, (top + sums.log() - picked).squeeze(1), 0.0).sum()
+    grad.div_(sums).scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype)).mul_(valid.unsqueeze(1))
+    if out is not None and not direct:
+        out.copy_(grad)
     return loss, grad
 
 
@@ -64,10 +70,8 @@ class LeanCrossEntropy(_OnceBackward):
         total = logits.new_zeros((), dtype=_loss_dtype(logits.dtype))
         step = _rows_per_chunk(logits.shape[-1])
         for start in range(0, logits.shape[0], step):
-            loss, g = _loss_and_grad(logits[start:start + step], targets[start:start + step], want_grad)
-            total += loss
-            if want_grad:
-                grad[start:start + step] = g
+            out = grad[start:start + step] if want_grad else None
+            total += _loss_and_grad(logits[start:start + step], targets[start:start + step], want_grad, out)[0]
         ctx.grads, ctx.used = [grad], False
         return total
 
