@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="4x256,2x1024", help="batch x seq, comma-separated")
     parser.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--adapters", default="lora,dora", help="lora and/or dora, comma-separated")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -111,7 +112,7 @@ def main() -> None:
     print("| adapter | batch | variant | s/step | time / peft | peak MB | memory / peft | matmul util. |")
     print("|---|---|---|---|---|---|---|---|")
     results = []
-    for adapter in ("lora", "dora"):
+    for adapter in args.adapters.split(","):
         for shape in args.shapes.split(","):
             batch, seq = map(int, shape.split("x"))
             models = {v: build(lib, adapter == "dora", args.layers) for v, lib in VARIANTS.items()}

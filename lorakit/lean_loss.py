@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-_CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MB in fp32
+_CHUNK_ELEMENTS = 1 << 24  # logits per chunk at most: 64 MB in fp32
 
 
-def _rows_per_chunk(vocab: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // vocab)
+def _rows_per_chunk(rows: int, vocab: int) -> int:
+    """Equal chunks of at most _CHUNK_ELEMENTS logits (a small last chunk is a slow matmul)."""
+    chunks = -(-rows // max(1, _CHUNK_ELEMENTS // vocab))
+    return max(1, -(-rows // max(chunks, 1)))
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,7 +70,7 @@ class LeanCrossEntropy(_OnceBackward):
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(logits) if want_grad else None
         total = logits.new_zeros((), dtype=_loss_dtype(logits.dtype))
-        step = _rows_per_chunk(logits.shape[-1])
+        step = _rows_per_chunk(logits.shape[0], logits.shape[-1])
         for start in range(0, logits.shape[0], step):
             out = grad[start:start + step] if want_grad else None
             total += _loss_and_grad(logits[start:start + step], targets[start:start + step], want_grad, out)[0]
@@ -106,7 +108,7 @@ class FusedHeadCrossEntropy(_OnceBackward):
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros_like(weight) if want_w else None
         total = hidden.new_zeros((), dtype=_loss_dtype(dtype))
-        step = _rows_per_chunk(weight.shape[0])
+        step = _rows_per_chunk(h.shape[0], weight.shape[0])
         for start in range(0, h.shape[0], step):
             rows = h[start:start + step]
             loss, g = _loss_and_grad(rows @ w.T, targets[start:start + step], want_h or want_w)

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from . import checkpoint, lean_loss, merge
+from . import checkpoint, lean_loss, lean_mlp, merge
 from .config import CONFIG_NAME, LoraConfig
 from .inject import LoraModel
 
@@ -19,6 +19,7 @@ class PeftModel(nn.Module):
         super().__init__()
         self.base_model = LoraModel(model, peft_config, adapter_name)
         lean_loss.install(model)  # the same causal-LM loss, without autograd's vocab-sized copies
+        lean_mlp.install(model)  # gated MLPs recompute their product instead of keeping it
         if hasattr(model, "enable_input_require_grads") and any(
                 getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
@@ -84,12 +85,12 @@ class PeftModel(nn.Module):
                          quantized_merge: str | None = None) -> nn.Module:
         """The base model with the active adapters folded into its weights, plain modules only.
         Over a 4-bit base, quantized_merge='dequantize' or 'requantize' says what the merged layers become."""
-        return lean_loss.uninstall(merge.unload(self.base_model, merge=True, safe_merge=safe_merge,
-                                                adapter_names=adapter_names, quantized_merge=quantized_merge))
+        return _plain(merge.unload(self.base_model, merge=True, safe_merge=safe_merge,
+                                   adapter_names=adapter_names, quantized_merge=quantized_merge))
 
     def unload(self) -> nn.Module:
         """The base model with the LoRA layers taken out, nothing merged."""
-        return lean_loss.uninstall(merge.unload(self.base_model, merge=False))
+        return _plain(merge.unload(self.base_model, merge=False))
 
     # --- files ----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike,
@@ -147,6 +148,11 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
                    **_ignored) -> PeftModel:
     """Wrap `model` with a fresh LoRA adapter: the base frozen, the adapter trainable."""
     return PeftModel(model, peft_config, adapter_name)
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """The unloaded base model with its own loss and MLP forwards back."""
+    return lean_mlp.uninstall(lean_loss.uninstall(model))
 
 
 def _adapter_dir(model_id: str | os.PathLike, subfolder: str | None) -> str:

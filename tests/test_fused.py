@@ -39,8 +39,18 @@ def test_keep_mask_rate_and_rng():
     torch.manual_seed(3)
     assert torch.equal(mask, keep_mask(torch.Size([400, 500]), 0.05, torch.device("cpu")))
     assert keep_mask(torch.Size([7]), 0.0, torch.device("cpu")).all()
-    rows = keep_mask(torch.Size([1000, 30]), 0.5, torch.device("cpu")).float().mean(0)
-    assert (rows - 0.5).abs().max() < 0.08  # every column is random, not only some slices
+    columns = keep_mask(torch.Size([1000, 30]), 0.5, torch.device("cpu")).float().mean(0)
+    assert (columns - 0.5).abs().max() < 0.08  # every position is random
+    high = keep_mask(torch.Size([400, 500]), 0.8, torch.device("cpu"))  # kept positions drawn instead
+    assert abs((~high).float().mean().item() - 0.8) < 0.005
+
+
+def test_keep_mask_elements_are_independent():
+    """Neighbouring positions are dropped together as often as independence predicts (p^2)."""
+    torch.manual_seed(4)
+    dropped = ~keep_mask(torch.Size([2000, 500]), 0.2, torch.device("cpu"))
+    both = (dropped[:, 1:] & dropped[:, :-1]).float().mean().item()
+    assert abs(both - 0.04) < 0.002
 
 
 def test_lora_delta_without_grad_matches_with_grad():

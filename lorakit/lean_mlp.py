@@ -1,0 +1,92 @@
+"""Gated MLPs, down(act(gate(x)) * up(x)), that keep less for backward, with the same results.
+
+Autograd keeps four [tokens x intermediate] tensors per gated MLP: gate(x) and act(gate(x)) for
+the product's and the activation's gradients, up(x), and the product itself for down_proj's
+adapter. Here the product is one autograd function that keeps gate(x) and up(x) only, and any
+later save of the product (the down_proj adapter's input) is stored as a recipe that recomputes
+it from those two when backward runs: one elementwise pass instead of two stored tensors.
+"""
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+# transformers MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
+GATED_MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP"}
+
+
+class GatedProduct(torch.autograd.Function):
+    """act(gate) * up, keeping gate and up and recomputing act(gate) in backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up, act):
+        ctx.save_for_backward(gate, up)
+        ctx.act = act
+        return act(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        with torch.enable_grad():
+            gate_ = gate.detach().requires_grad_(ctx.needs_input_grad[0])
+            up_ = up.detach().requires_grad_(ctx.needs_input_grad[1])
+            inputs = [t for t in (gate_, up_) if t.requires_grad]
+            grads = iter(torch.autograd.grad(ctx.act(gate_) * up_, inputs, grad))
+        return (next(grads) if gate_.requires_grad else None, next(grads) if up_.requires_grad else None, None)
+
+
+class _Recipe:
+    """Stands in for a saved tensor that is recomputed on unpack."""
+
+    def __init__(self, recompute):
+        self.recompute = recompute
+
+
+@contextmanager
+def saved_as_recipe(tensor: torch.Tensor, recompute):
+    """Within the block, autograd saves `tensor` as `recompute` (called under no_grad in backward)."""
+    def pack(saved):
+        same = saved.data_ptr() == tensor.data_ptr() and saved.shape == tensor.shape \
+            and saved.stride() == tensor.stride() and saved.dtype == tensor.dtype
+        return _Recipe(recompute) if same else saved
+
+    def unpack(stored):
+        if isinstance(stored, _Recipe):
+            with torch.no_grad():
+                return stored.recompute()
+        return stored
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def _lean_forward(self, x):
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if not torch.is_grad_enabled():
+        return self.down_proj(self.act_fn(gate) * up)
+    product = GatedProduct.apply(gate, up, self.act_fn)
+    with saved_as_recipe(product, lambda: self.act_fn(gate) * up):
+        return self.down_proj(product)
+
+
+def install(model: nn.Module) -> int:
+    """Give every known gated MLP of `model` the lean forward; returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ in GATED_MLP_CLASSES and all(
+                hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            module.forward = types.MethodType(_lean_forward, module)
+            count += 1
+    return count
+
+
+def uninstall(model: nn.Module) -> nn.Module:
+    """Undo `install`: the modules use their class's forward again."""
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, types.MethodType) and forward.__func__ is _lean_forward:
+            del module.forward
+    return model
