@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import lora_delta
+from .fused import dora_scale, lora_delta
 from .quantized import NF4Linear
 
 
@@ -239,18 +239,32 @@ class LoraLinear(LoraLayer):
                               self.dropout_p(name))
         return self._dora_output(x.to(self.lora_A[name].weight.dtype), name, base_out)
 
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """One active DoRA adapter returns its output directly (see _dora_result); anything else
+        goes through LoraLayer.forward."""
+        active = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+        if self.disabled or len(active) != 1 or active[0] not in self.lora_magnitude_vector:
+            return super().forward(x, *args, **kwargs)
+        base_out = self.base_layer(x, *args, **kwargs)
+        name = active[0]
+        return self._dora_result(x.to(self.lora_A[name].weight.dtype), name, base_out).to(base_out.dtype)
+
     def _dora_output(self, x, name, base_out):
-        """DoRA: m * (W x + s B A dropout(x)) / ||W + sBA||, as a correction to the base output.
+        """DoRA as a correction to the base output (when several adapters are active)."""
+        return self._dora_result(x, name, base_out) - base_out
+
+    def _dora_result(self, x, name, base_out):
+        """DoRA: m * (W x + s B A dropout(x)) / ||W + sBA|| + bias, the layer's output.
 
         Dropout reaches only the low-rank branch. PEFT instead rescales W dropout(x), computed in a
         second pass through the base weight; both have the same expectation (docs/speed.md)."""
         A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
         with torch.no_grad():
             norm = self._dora_norm(A, B, s)
-        scale = self.lora_magnitude_vector[name] / norm
         base_no_bias = base_out if self.bias is None else base_out - self.bias
         lora_out = lora_delta(x, A, B, s, self.dropout_p(name))
-        return scale * (base_no_bias + lora_out) - base_no_bias
+        out = dora_scale(base_no_bias + lora_out, self.lora_magnitude_vector[name], norm)
+        return out if self.bias is None else out + self.bias
 
     def _dora_norm(self, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
         """Row norms of W + sBA from ||W||^2 + 2s <W A^T, B> + s^2 <B A A^T, B>, without the d_out x d_in sum."""

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.fused import LoraMatmul, keep_mask, lora_delta
+from lorakit.fused import LoraMatmul, dora_scale, keep_mask, lora_delta
 
 
 def reference(x, A, B, scale, mask):
@@ -77,3 +77,21 @@ def test_autocast_runs_in_the_autocast_dtype_and_returns_fp32_grads():
     assert A.grad.dtype == B.grad.dtype == x.grad.dtype == torch.float32
     want = (torch.ones(4, 3) @ B.detach()).T @ x.detach()
     torch.testing.assert_close(A.grad, want, rtol=0.05, atol=0.05)
+
+
+def test_dora_scale_gradients_equal_autograd_and_it_keeps_its_output():
+    g = torch.Generator().manual_seed(6)
+    combined = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    magnitude, norm = torch.rand(7, generator=g, dtype=torch.float64) + 0.5, torch.rand(7, generator=g, dtype=torch.float64) + 0.5
+    results = []
+    for fused in (True, False):
+        c, m = combined.clone().requires_grad_(), magnitude.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = dora_scale(c, m, norm) if fused else c * (m / norm)
+        out.backward(torch.sin(out.detach()))
+        results.append((out.detach(), c.grad, m.grad))
+        if fused:
+            assert any(t is out for t in saved) and not any(t is c for t in saved)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
