@@ -259,7 +259,7 @@ class LoraLinear(LoraLayer):
         Dropout reaches only the low-rank branch. PEFT instead rescales W dropout(x), computed in a
         second pass through the base weight; both have the same expectation (docs/speed.md)."""
         A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # the norm in the adapter's precision
             norm = self._dora_norm(A, B, s)
         base_no_bias = base_out if self.bias is None else base_out - self.bias
         lora_out = lora_delta(x, A, B, s, self.dropout_p(name))
