@@ -31,11 +31,11 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     return mask.view(shape)
 
 
-def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype autocast would run this matmul in, or the adapter's own dtype outside autocast."""
+def compute_dtype(x: torch.Tensor, default: torch.dtype) -> torch.dtype:
+    """The dtype autocast would run a matmul on x in, or `default` outside autocast."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
-    return weight.dtype
+    return default
 
 
 def _apply(mask: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ class LoraMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, scale: float, mask):
-        dtype = compute_dtype(x, A)
+        dtype = compute_dtype(x, A.dtype)
         x_, A_, B_ = x.to(dtype), A.to(dtype), B.to(dtype)
         h = _apply(mask, x_) @ A_.T
         ctx.save_for_backward(x, A, B, h, mask)
@@ -80,7 +80,7 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
     scale = scaling / (1 - p) if p > 0 else scaling
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
         return LoraMatmul.apply(x, A, B, scale, mask)
-    dtype = compute_dtype(x, A)
+    dtype = compute_dtype(x, A.dtype)
     return (_apply(mask, x.to(dtype)) @ A.to(dtype).T @ B.to(dtype).T) * scale
 
 

@@ -114,11 +114,17 @@ class LoraLayer(WrapsBase):
         base_out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return base_out
+        active = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+        if len(active) == 1:
+            return self.output_with(x, active[0], base_out).to(base_out.dtype)
         result = base_out
-        for name in self.active_adapters:
-            if name in self.r and name not in self.merged_adapters:
-                result = result + self.adapter_output(x, name, base_out)  # summed in fp32 over a half base
+        for name in active:
+            result = result + self.adapter_output(x, name, base_out)  # summed in fp32 over a half base
         return result.to(base_out.dtype)
+
+    def output_with(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
+        """The layer's output with this one adapter active (subclasses may compute it whole)."""
+        return base_out + self.adapter_output(x, name, base_out)
 
     # --- merge ----------------------------------------------------------------------------
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
@@ -239,15 +245,11 @@ class LoraLinear(LoraLayer):
                               self.dropout_p(name))
         return self._dora_output(x.to(self.lora_A[name].weight.dtype), name, base_out)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """One active DoRA adapter returns its output directly (see _dora_result); anything else
-        goes through LoraLayer.forward."""
-        active = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
-        if self.disabled or len(active) != 1 or active[0] not in self.lora_magnitude_vector:
-            return super().forward(x, *args, **kwargs)
-        base_out = self.base_layer(x, *args, **kwargs)
-        name = active[0]
-        return self._dora_result(x.to(self.lora_A[name].weight.dtype), name, base_out).to(base_out.dtype)
+    def output_with(self, x, name, base_out):
+        """DoRA's output is computed whole (see _dora_result), not as base_out plus a correction."""
+        if name not in self.lora_magnitude_vector:
+            return super().output_with(x, name, base_out)
+        return self._dora_result(x.to(self.lora_A[name].weight.dtype), name, base_out)
 
     def _dora_output(self, x, name, base_out):
         """DoRA as a correction to the base output (when several adapters are active)."""

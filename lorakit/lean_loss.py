@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fused import compute_dtype
+
 IGNORE_INDEX = -100
 _CHUNK_ELEMENTS = 1 << 24  # logits per chunk at most: 64 MB in fp32
 
@@ -101,8 +103,7 @@ class FusedHeadCrossEntropy(_OnceBackward):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets):
-        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
-            else hidden.dtype
+        dtype = compute_dtype(hidden, hidden.dtype)
         h, w = hidden.to(dtype), weight.to(dtype)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if want_h else None

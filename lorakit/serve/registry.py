@@ -10,8 +10,8 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+from ..checkpoint import WEIGHTS_NAME
+from ..config import CONFIG_NAME
 
 
 class UnknownAdapter(LookupError):
