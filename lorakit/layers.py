@@ -246,9 +246,11 @@ class LoraLinear(LoraLayer):
         return self._dora_output(x.to(self.lora_A[name].weight.dtype), name, base_out)
 
     def output_with(self, x, name, base_out):
-        """DoRA's output is computed whole (see _dora_result), not as base_out plus a correction."""
+        """The low-rank product is added into base_out inside its GEMM; DoRA's output is computed
+        whole (see _dora_result), not as base_out plus a correction."""
         if name not in self.lora_magnitude_vector:
-            return super().output_with(x, name, base_out)
+            return lora_delta(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                              self.dropout_p(name), base=base_out)
         return self._dora_result(x.to(self.lora_A[name].weight.dtype), name, base_out)
 
     def _dora_output(self, x, name, base_out):
@@ -264,8 +266,8 @@ class LoraLinear(LoraLayer):
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # the norm in the adapter's precision
             norm = self._dora_norm(A, B, s)
         base_no_bias = base_out if self.bias is None else base_out - self.bias
-        lora_out = lora_delta(x, A, B, s, self.dropout_p(name))
-        out = dora_scale(base_no_bias + lora_out, self.lora_magnitude_vector[name], norm)
+        combined = lora_delta(x, A, B, s, self.dropout_p(name), base=base_no_bias)
+        out = dora_scale(combined, self.lora_magnitude_vector[name], norm)
         return out if self.bias is None else out + self.bias
 
     def _dora_norm(self, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:

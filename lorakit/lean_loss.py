@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .fused import compute_dtype
 
 IGNORE_INDEX = -100
-_CHUNK_ELEMENTS = 1 << 24  # logits per chunk at most: 64 MB in fp32
+_CHUNK_ELEMENTS = 1 << 22  # logits per chunk at most: 16 MB in fp32
 
 
 def _rows_per_chunk(rows: int, vocab: int) -> int:

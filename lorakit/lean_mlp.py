@@ -9,10 +9,11 @@ it from those two when backward runs: one elementwise pass instead of two stored
 from __future__ import annotations
 
 import types
-from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from .recompute import same_tensor, saved_as_recipes
 
 # transformers MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
 GATED_MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP"}
@@ -38,37 +39,12 @@ class GatedProduct(torch.autograd.Function):
         return (next(grads) if gate_.requires_grad else None, next(grads) if up_.requires_grad else None, None)
 
 
-class _Recipe:
-    """Stands in for a saved tensor that is recomputed on unpack."""
-
-    def __init__(self, recompute):
-        self.recompute = recompute
-
-
-@contextmanager
-def saved_as_recipe(tensor: torch.Tensor, recompute):
-    """Within the block, autograd saves `tensor` as `recompute` (called under no_grad in backward)."""
-    def pack(saved):
-        same = saved.data_ptr() == tensor.data_ptr() and saved.shape == tensor.shape \
-            and saved.stride() == tensor.stride() and saved.dtype == tensor.dtype
-        return _Recipe(recompute) if same else saved
-
-    def unpack(stored):
-        if isinstance(stored, _Recipe):
-            with torch.no_grad():
-                return stored.recompute()
-        return stored
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
-
-
 def _lean_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
     if not torch.is_grad_enabled():
         return self.down_proj(self.act_fn(gate) * up)
     product = GatedProduct.apply(gate, up, self.act_fn)
-    with saved_as_recipe(product, lambda: self.act_fn(gate) * up):
+    with saved_as_recipes(lambda t: (lambda: self.act_fn(gate) * up) if same_tensor(t, product) else None):
         return self.down_proj(product)
 
 

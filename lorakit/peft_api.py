@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from . import checkpoint, lean_loss, lean_mlp, merge
+from . import checkpoint, lean_loss, lean_mlp, lean_norm, merge
 from .config import CONFIG_NAME, LoraConfig
 from .inject import LoraModel
 
@@ -20,6 +20,7 @@ class PeftModel(nn.Module):
         self.base_model = LoraModel(model, peft_config, adapter_name)
         lean_loss.install(model)  # the same causal-LM loss, without autograd's vocab-sized copies
         lean_mlp.install(model)  # gated MLPs recompute their product instead of keeping it
+        lean_norm.install(model)  # adapters after a norm keep a recipe for its output
         if hasattr(model, "enable_input_require_grads") and any(
                 getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
@@ -151,8 +152,8 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 
 
 def _plain(model: nn.Module) -> nn.Module:
-    """The unloaded base model with its own loss and MLP forwards back."""
-    return lean_mlp.uninstall(lean_loss.uninstall(model))
+    """The unloaded base model with its own loss, MLP and block forwards back."""
+    return lean_norm.uninstall(lean_mlp.uninstall(lean_loss.uninstall(model)))
 
 
 def _adapter_dir(model_id: str | os.PathLike, subfolder: str | None) -> str:

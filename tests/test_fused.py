@@ -11,17 +11,23 @@ def reference(x, A, B, scale, mask):
     return F.linear(F.linear(dropped, A), B) * scale
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.7])
 @pytest.mark.parametrize("x_grad", [False, True])
-def test_gradients_equal_plain_autograd(with_mask, x_grad):
+def test_gradients_equal_plain_autograd(p, x_grad):
+    """Flipped positions (with repeats) are the dropped ones up to p = 0.5 and the kept ones above."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 12, generator=g, dtype=torch.float64)
     A, B = torch.randn(4, 12, generator=g, dtype=torch.float64), torch.randn(7, 4, generator=g, dtype=torch.float64)
-    mask = torch.rand(3, 5, 12, generator=g) > 0.3 if with_mask else None
+    flipped = torch.randint(0, x.numel(), (70,), generator=g, dtype=torch.int32) if p else None
+    mask = None
+    if p:
+        mask = torch.full((x.numel(),), p <= 0.5)
+        mask[flipped.long()] = p > 0.5
+        mask = mask.view(x.shape)
     grads = []
-    for fn in (LoraMatmul.apply, reference):
+    for fn in (lambda *t: LoraMatmul.apply(None, *t, 1.7, p, flipped), lambda *t: reference(*t, 1.7, mask)):
         leaves = [t.clone().requires_grad_(t is not x or x_grad) for t in (x, A, B)]
-        out = fn(*leaves, 1.7, mask)
+        out = fn(*leaves)
         out.backward(torch.cos(out.detach()))
         grads.append((out.detach(), *[t.grad for t in leaves]))
     for got, want in zip(*grads):

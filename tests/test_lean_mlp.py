@@ -1,4 +1,7 @@
 """lorakit.lean_mlp: the gated MLP that recomputes its product gives autograd's gradients."""
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -61,3 +64,17 @@ def test_merge_and_unload_gives_back_the_class_forward():
     assert "forward" in model.model.layers[0].mlp.__dict__
     plain = peft_model.merge_and_unload()
     assert all("forward" not in m.__dict__ for m in plain.modules())
+
+
+def test_product_is_freed_after_forward():
+    """Only gate(x) and up(x) outlive the forward pass, not act(gate) * up."""
+    model = build_model("llama").train()
+    peft_model = lorakit.get_peft_model(model, lorakit.LoraConfig(r=2, target_modules=["down_proj"]))
+    products = []
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_pre_hook(lambda module, args: products.append(weakref.ref(args[0])))
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    loss = peft_model(input_ids=ids, labels=ids).loss
+    gc.collect()
+    assert len(products) == 2 and all(ref() is None for ref in products)
+    loss.backward()

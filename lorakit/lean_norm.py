@@ -1,0 +1,86 @@
+"""Blocks whose adapters keep a recipe for a norm's output instead of the output itself.
+
+In a pre-norm block the q/k/v adapters (and gate/up's) keep norm(h) for their weight gradients,
+while the norm keeps h for its own: two [tokens x hidden] tensors where one would do. In a
+patched block, a saved norm output is stored as a recipe that reruns the norm on h in backward
+(one elementwise pass, the same values). Blocks under gradient checkpointing are left as they are.
+"""
+from __future__ import annotations
+
+import types
+from functools import partial
+
+import torch
+from torch import nn
+
+from .layers import LoraLayer
+from .recompute import same_tensor, saved_as_recipes
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+class _NormCall:
+    """One call of a norm inside a patched block: enough to run it again (not its output)."""
+
+    def __init__(self, norm: nn.Module, x: torch.Tensor):
+        self.norm, self.x, self.version = norm, x, x._version
+        device = x.device.type
+        self.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+
+    def recompute(self) -> torch.Tensor:
+        if self.x._version != self.version:
+            raise RuntimeError(f"the input of {type(self.norm).__name__} was modified in place after the forward "
+                               "pass, so lorakit cannot recompute its output for backward")
+        device, dtype, enabled = self.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return self.norm(self.x)
+
+
+def _record(block: nn.Module, norm: nn.Module, args, out) -> None:
+    calls = block.__dict__.get("_lorakit_norm_calls")
+    if calls is not None and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+        calls.append((out, _NormCall(norm, args[0])))
+
+
+def _recipe(calls: list[tuple[torch.Tensor, _NormCall]], saved: torch.Tensor):
+    return next((call.recompute for out, call in calls if same_tensor(saved, out)), None)
+
+
+def _lean_forward(self, *args, **kwargs):
+    forward = type(self).forward.__get__(self)
+    if not torch.is_grad_enabled() or (getattr(self, "gradient_checkpointing", False) and self.training):
+        return forward(*args, **kwargs)
+    calls = self.__dict__["_lorakit_norm_calls"] = []
+    try:
+        with saved_as_recipes(partial(_recipe, calls)):
+            return forward(*args, **kwargs)
+    finally:
+        self.__dict__["_lorakit_norm_calls"] = None
+
+
+def install(model: nn.Module) -> int:
+    """Patch every block of `model` that has a norm child and a LoRA layer below it; returns how many."""
+    count = 0
+    for block in model.modules():
+        norms = [child for child in block.children() if _is_norm(child)]
+        if not norms or not any(isinstance(m, LoraLayer) for m in block.modules()):
+            continue
+        block.forward = types.MethodType(_lean_forward, block)
+        block.__dict__["_lorakit_norm_calls"] = None
+        block.__dict__["_lorakit_norm_hooks"] = [norm.register_forward_hook(partial(_record, block)) for norm in norms]
+        count += 1
+    return count
+
+
+def uninstall(model: nn.Module) -> nn.Module:
+    """Undo `install`: the blocks use their class's forward again and the norms lose their hooks."""
+    for block in model.modules():
+        forward = block.__dict__.get("forward")
+        if isinstance(forward, types.MethodType) and forward.__func__ is _lean_forward:
+            del block.forward
+            for hook in block.__dict__.pop("_lorakit_norm_hooks"):
+                hook.remove()
+            del block.__dict__["_lorakit_norm_calls"]
+    return model

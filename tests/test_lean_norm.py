@@ -1,0 +1,86 @@
+"""lorakit.lean_norm: blocks whose adapters keep a recipe for the norm output give autograd's results."""
+import gc
+import weakref
+
+import pytest
+import torch
+
+import lorakit
+from lorakit import lean_norm
+
+from conftest import build_model, model_inputs
+
+
+def _train_step(arch: str, lean: bool, checkpointing: bool = False, autocast: bool = False, outer_hooks=None):
+    model = build_model(arch).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    peft_model = lorakit.get_peft_model(model, lorakit.LoraConfig(
+        r=4, lora_dropout=0.3, init_lora_weights=False, target_modules="all-linear"))
+    if not lean:
+        lean_norm.uninstall(model)
+    inputs = model_inputs(arch)
+    labels = torch.tensor([0, 2]) if arch == "bert" else inputs["input_ids"]
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), outer_hooks or torch.autograd.graph.saved_tensors_hooks(
+            lambda t: t, lambda t: t):
+        loss = peft_model(**inputs, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch,checkpointing,autocast", [
+    ("llama", False, False), ("qwen2", False, False), ("gpt2", False, False), ("bert", False, False),
+    ("llama", True, False), ("llama", False, True)])
+def test_same_loss_and_gradients_as_the_plain_blocks(arch, checkpointing, autocast):
+    loss_lean, grads_lean = _train_step(arch, True, checkpointing, autocast)
+    loss_plain, grads_plain = _train_step(arch, False, checkpointing, autocast)
+    assert torch.equal(loss_lean, loss_plain)
+    assert grads_lean.keys() == grads_plain.keys()
+    for name in grads_plain:
+        assert torch.equal(grads_lean[name], grads_plain[name]), name
+
+
+def test_norm_outputs_are_freed_after_forward():
+    model = build_model("llama").train()
+    peft_model = lorakit.get_peft_model(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    outputs = []
+    for layer in model.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.register_forward_hook(lambda module, args, out: outputs.append(weakref.ref(out)))
+    loss = peft_model(**model_inputs("llama"), labels=model_inputs("llama")["input_ids"]).loss
+    gc.collect()
+    assert len(outputs) == 4 and all(ref() is None for ref in outputs)
+    loss.backward()
+
+
+def test_enclosing_saved_tensor_hooks_still_apply():
+    """Tensors the recipes do not take go through the user's own hooks (here: boxed and unboxed)."""
+    boxed = []
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: boxed.append(1) or ("box", t), lambda box: box[1])
+    loss_hooked, grads_hooked = _train_step("llama", True, outer_hooks=hooks)
+    loss, grads = _train_step("llama", True)
+    assert boxed and torch.equal(loss_hooked, loss)
+    for name in grads:
+        assert torch.equal(grads_hooked[name], grads[name]), name
+
+
+def test_norm_input_changed_in_place_is_an_error():
+    model = build_model("llama").train()
+    peft_model = lorakit.get_peft_model(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+    inputs = []
+    model.model.layers[1].input_layernorm.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
+    loss = peft_model(**model_inputs("llama"), labels=model_inputs("llama")["input_ids"]).loss
+    with torch.no_grad():
+        inputs[0].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
+
+
+def test_merge_and_unload_removes_the_patch_and_the_hooks():
+    model = build_model("llama")
+    peft_model = lorakit.get_peft_model(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "forward" in model.model.layers[0].__dict__
+    assert model.model.layers[0].input_layernorm._forward_hooks
+    plain = peft_model.merge_and_unload()
+    assert all("forward" not in m.__dict__ and not m._forward_hooks for m in plain.modules())
