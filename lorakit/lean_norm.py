@@ -65,7 +65,8 @@ def install(model: nn.Module) -> int:
     count = 0
     for block in model.modules():
         norms = [child for child in block.children() if _is_norm(child)]
-        if not norms or not any(isinstance(m, LoraLayer) for m in block.modules()):
+        patched = "_lorakit_norm_hooks" in block.__dict__
+        if not norms or patched or not any(isinstance(m, LoraLayer) for m in block.modules()):
             continue
         block.forward = types.MethodType(_lean_forward, block)
         block.__dict__["_lorakit_norm_calls"] = None

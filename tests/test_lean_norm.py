@@ -81,6 +81,7 @@ def test_merge_and_unload_removes_the_patch_and_the_hooks():
     model = build_model("llama")
     peft_model = lorakit.get_peft_model(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
     assert "forward" in model.model.layers[0].__dict__
-    assert model.model.layers[0].input_layernorm._forward_hooks
+    assert len(model.model.layers[0].input_layernorm._forward_hooks) == 1
+    assert lean_norm.install(model) == 0  # already patched: no second set of hooks
     plain = peft_model.merge_and_unload()
     assert all("forward" not in m.__dict__ and not m._forward_hooks for m in plain.modules())
