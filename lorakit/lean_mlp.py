@@ -8,12 +8,10 @@ it from those two when backward runs: one elementwise pass instead of two stored
 """
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
-from .recompute import same_tensor, saved_as_recipes
+from .recompute import patch_forward, patched_with, same_tensor, saved_as_recipes
 
 # transformers MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
 GATED_MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP"}
@@ -54,15 +52,13 @@ def install(model: nn.Module) -> int:
     for module in model.modules():
         if type(module).__name__ in GATED_MLP_CLASSES and all(
                 hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            module.forward = types.MethodType(_lean_forward, module)
+            patch_forward(module, _lean_forward)
             count += 1
     return count
 
 
 def uninstall(model: nn.Module) -> nn.Module:
     """Undo `install`: the modules use their class's forward again."""
-    for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, types.MethodType) and forward.__func__ is _lean_forward:
-            del module.forward
+    for module in patched_with(model, _lean_forward):
+        del module.forward
     return model

@@ -7,14 +7,13 @@ patched block, a saved norm output is stored as a recipe that reruns the norm on
 """
 from __future__ import annotations
 
-import types
 from functools import partial
 
 import torch
 from torch import nn
 
 from .layers import LoraLayer
-from .recompute import same_tensor, saved_as_recipes
+from .recompute import patch_forward, patched_with, same_tensor, saved_as_recipes
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -32,7 +31,8 @@ class _NormCall:
     def recompute(self) -> torch.Tensor:
         if self.x._version != self.version:
             raise RuntimeError(f"the input of {type(self.norm).__name__} was modified in place after the forward "
-                               "pass, so lorakit cannot recompute its output for backward")
+                               "pass, so lorakit cannot recompute its output for backward; leave it unchanged until backward "
+                               "has run")
         device, dtype, enabled = self.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             return self.norm(self.x)
@@ -68,7 +68,7 @@ def install(model: nn.Module) -> int:
         patched = "_lorakit_norm_hooks" in block.__dict__
         if not norms or patched or not any(isinstance(m, LoraLayer) for m in block.modules()):
             continue
-        block.forward = types.MethodType(_lean_forward, block)
+        patch_forward(block, _lean_forward)
         block.__dict__["_lorakit_norm_calls"] = None
         block.__dict__["_lorakit_norm_hooks"] = [norm.register_forward_hook(partial(_record, block)) for norm in norms]
         count += 1
@@ -77,11 +77,9 @@ def install(model: nn.Module) -> int:
 
 def uninstall(model: nn.Module) -> nn.Module:
     """Undo `install`: the blocks use their class's forward again and the norms lose their hooks."""
-    for block in model.modules():
-        forward = block.__dict__.get("forward")
-        if isinstance(forward, types.MethodType) and forward.__func__ is _lean_forward:
-            del block.forward
-            for hook in block.__dict__.pop("_lorakit_norm_hooks"):
-                hook.remove()
-            del block.__dict__["_lorakit_norm_calls"]
+    for block in patched_with(model, _lean_forward):
+        del block.forward
+        for hook in block.__dict__.pop("_lorakit_norm_hooks"):
+            hook.remove()
+        del block.__dict__["_lorakit_norm_calls"]
     return model

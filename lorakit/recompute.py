@@ -1,4 +1,5 @@
-"""Saved-tensor recipes: a tensor autograd would keep for backward, stored as a way to remake it.
+"""Saved-tensor recipes: a tensor autograd would keep for backward, stored as a way to remake it;
+and the per-module forward patches (`patch_forward`, `patched_with`) that put them in place.
 
 Within `saved_as_recipes(recipe_for)`, every tensor an op saves is offered to `recipe_for`; when it
 returns a function, that function is kept instead of the tensor and called (under no_grad) when
@@ -7,10 +8,12 @@ backward unpacks it. Tensors it declines go to the enclosing saved-tensor hooks 
 """
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
 from typing import Callable
 
 import torch
+from torch import nn
 
 Recompute = Callable[[], torch.Tensor]
 
@@ -55,3 +58,14 @@ def saved_as_recipes(recipe_for: Callable[[torch.Tensor], Recompute | None]):
             yield
     finally:
         active.clear()
+
+
+def patch_forward(module: nn.Module, forward: Callable) -> None:
+    """Give `module` its own forward, `forward(module, ...)`, in place of its class's."""
+    module.forward = types.MethodType(forward, module)
+
+
+def patched_with(model: nn.Module, forward: Callable) -> list[nn.Module]:
+    """The modules of `model` that `patch_forward` gave `forward`."""
+    return [m for m in model.modules()
+            if isinstance(m.__dict__.get("forward"), types.MethodType) and m.__dict__["forward"].__func__ is forward]

@@ -42,6 +42,28 @@ def model_inputs(arch: str, seed: int = 1) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, 96, (2, 9), generator=g)}
 
 
+def lean_train_step(arch: str, plain=None, checkpointing: bool = False, autocast: bool = False, outer_hooks=None):
+    """(loss, adapter grads) of one seeded training step through lorakit (all-linear LoRA r=4,
+    dropout 0.3), with `plain.uninstall` (a lean_* module) applied first when given."""
+    import lorakit
+
+    model = build_model(arch).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    peft_model = lorakit.get_peft_model(model, lorakit.LoraConfig(
+        r=4, lora_dropout=0.3, init_lora_weights=False, target_modules="all-linear"))
+    if plain is not None:
+        plain.uninstall(model)
+    inputs = model_inputs(arch)
+    labels = torch.tensor([0, 2]) if arch == "bert" else inputs["input_ids"]
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            outer_hooks or torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        loss = peft_model(**inputs, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
 def model_output(model, inputs) -> torch.Tensor:
     return model(**inputs).logits
 

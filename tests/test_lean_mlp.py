@@ -9,7 +9,7 @@ import lorakit
 from lorakit import lean_mlp
 from lorakit.lean_mlp import GatedProduct
 
-from conftest import build_model
+from conftest import build_model, lean_train_step
 
 
 def test_gated_product_gradients_equal_autograd():
@@ -32,23 +32,12 @@ def test_lean_mlp_keeps_gradients_and_saves_less(arch, checkpointing):
     """Same loss and adapter gradients as the model's own MLP forward, with dropout on (same seed);
     fewer bytes saved for backward; also under transformers' gradient checkpointing."""
     results = []
-    for lean in (True, False):
-        model = build_model(arch).train()
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        peft_model = lorakit.get_peft_model(model, lorakit.LoraConfig(
-            r=4, lora_dropout=0.3, init_lora_weights=False, target_modules="all-linear"))
-        if not lean:
-            lean_mlp.uninstall(model)
-        ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    for plain in (None, lean_mlp):
         saved = []
-        torch.manual_seed(5)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t):
-            loss = peft_model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
-        results.append((loss.detach(), grads, sum(saved)))
+        counting = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                            lambda t: t)
+        loss, grads = lean_train_step(arch, plain, checkpointing, outer_hooks=counting)
+        results.append((loss, grads, sum(saved)))
     (loss_lean, grads_lean, saved_lean), (loss_plain, grads_plain, saved_plain) = results
     torch.testing.assert_close(loss_lean, loss_plain, rtol=1e-6, atol=1e-6)
     assert grads_lean.keys() == grads_plain.keys()

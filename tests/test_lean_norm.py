@@ -8,33 +8,15 @@ import torch
 import lorakit
 from lorakit import lean_norm
 
-from conftest import build_model, model_inputs
-
-
-def _train_step(arch: str, lean: bool, checkpointing: bool = False, autocast: bool = False, outer_hooks=None):
-    model = build_model(arch).train()
-    if checkpointing:
-        model.gradient_checkpointing_enable()
-    peft_model = lorakit.get_peft_model(model, lorakit.LoraConfig(
-        r=4, lora_dropout=0.3, init_lora_weights=False, target_modules="all-linear"))
-    if not lean:
-        lean_norm.uninstall(model)
-    inputs = model_inputs(arch)
-    labels = torch.tensor([0, 2]) if arch == "bert" else inputs["input_ids"]
-    torch.manual_seed(5)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), outer_hooks or torch.autograd.graph.saved_tensors_hooks(
-            lambda t: t, lambda t: t):
-        loss = peft_model(**inputs, labels=labels).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+from conftest import build_model, lean_train_step, model_inputs
 
 
 @pytest.mark.parametrize("arch,checkpointing,autocast", [
     ("llama", False, False), ("qwen2", False, False), ("gpt2", False, False), ("bert", False, False),
     ("llama", True, False), ("llama", False, True)])
 def test_same_loss_and_gradients_as_the_plain_blocks(arch, checkpointing, autocast):
-    loss_lean, grads_lean = _train_step(arch, True, checkpointing, autocast)
-    loss_plain, grads_plain = _train_step(arch, False, checkpointing, autocast)
+    loss_lean, grads_lean = lean_train_step(arch, None, checkpointing, autocast)
+    loss_plain, grads_plain = lean_train_step(arch, lean_norm, checkpointing, autocast)
     assert torch.equal(loss_lean, loss_plain)
     assert grads_lean.keys() == grads_plain.keys()
     for name in grads_plain:
@@ -58,8 +40,8 @@ def test_enclosing_saved_tensor_hooks_still_apply():
     """Tensors the recipes do not take go through the user's own hooks (here: boxed and unboxed)."""
     boxed = []
     hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: boxed.append(1) or ("box", t), lambda box: box[1])
-    loss_hooked, grads_hooked = _train_step("llama", True, outer_hooks=hooks)
-    loss, grads = _train_step("llama", True)
+    loss_hooked, grads_hooked = lean_train_step("llama", outer_hooks=hooks)
+    loss, grads = lean_train_step("llama")
     assert boxed and torch.equal(loss_hooked, loss)
     for name in grads:
         assert torch.equal(grads_hooked[name], grads[name]), name
