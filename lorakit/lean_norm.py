@@ -30,9 +30,9 @@ class _NormCall:
 
     def recompute(self) -> torch.Tensor:
         if self.x._version != self.version:
-            raise RuntimeError(f"the input of {type(self.norm).__name__} was modified in place after the forward "
-                               "pass, so lorakit cannot recompute its output for backward; leave it unchanged until backward "
-                               "has run")
+            raise RuntimeError(f"the input of {type(self.norm).__name__} was modified in place after the "
+                               "forward pass, so lorakit cannot recompute its output for backward; leave it "
+                               "unchanged until backward has run")
         device, dtype, enabled = self.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             return self.norm(self.x)
