@@ -1,4 +1,5 @@
-"""lorakit.nf4 against bitsandbytes on CPU: the same bytes, scales, offsets and dequantised bits."""
+"""lorakit.nf4 against bitsandbytes on CPU: the same bytes, scales and offsets; dequantised bits equal
+to the NF4 formula (tests/nf4_reference.py), with bitsandbytes' own dequantisation checked beside it."""
 import json
 import math
 import os
@@ -7,6 +8,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
 
+import nf4_reference
 from lorakit import nf4
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -27,11 +29,15 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def bnb_nf4(w, blocksize=64, double_quant=True):
+    """bitsandbytes' packed codes and state, and the weight they define by the NF4 formula. Where
+    bitsandbytes' own dequantisation disagrees with the formula on this CPU, a warning says so."""
     packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
-    out = F.dequantize_4bit(packed, state, quant_type="nf4")
+    ref = nf4_reference.dequantize(packed, state)
     # bitsandbytes' CPU kernel gives a 1-D weight back as (1, n), and one of <= 2 values transposed;
-    # the values and their order are right, so compare them in the weight's own shape.
-    return packed, state, out.reshape(w.shape)
+    # compare its values in the weight's own shape.
+    theirs = F.dequantize_4bit(packed, state, quant_type="nf4").reshape(w.shape)
+    nf4_reference.check_bitsandbytes(bits(ref), bits(theirs), f"{tuple(w.shape)} {w.dtype}")
+    return packed, state, ref
 
 
 def assert_matches_bnb(w, blocksize=64, double_quant=True) -> nf4.NF4Weight:
@@ -207,10 +213,12 @@ def test_state_dict_is_bitsandbytes(dtype, double_quant):
     assert_same_state_dict(sd, bnb_state_dict(packed, state, "layer.weight"))
     meta = json.loads(bytes(sd["layer.weight.quant_state.bitsandbytes__nf4"].tolist()))
     assert meta["dtype"] == str(dtype)[6:] and meta["shape"] == [48, 81]
-    # bitsandbytes reads ours back and dequantises to the same bits
+    # bitsandbytes reads ours back: the state it rebuilds defines the same bits
     stats = {k.removeprefix("layer.weight."): v for k, v in sd.items() if k != "layer.weight"}
-    out = F.dequantize_4bit(sd["layer.weight"], F.QuantState.from_dict(stats, device="cpu"), quant_type="nf4")
-    assert torch.equal(bits(out), bits(ref))
+    state_back = F.QuantState.from_dict(stats, device="cpu")
+    assert torch.equal(bits(nf4_reference.dequantize(sd["layer.weight"], state_back)), bits(ref))
+    out = F.dequantize_4bit(sd["layer.weight"], state_back, quant_type="nf4")
+    nf4_reference.check_bitsandbytes(bits(ref), bits(out), "a state dict read back")
     # ... and we read bitsandbytes' back
     q = nf4.from_state_dict(bnb_state_dict(packed, state, "layer.weight"), "layer.weight")
     assert torch.equal(bits(nf4.dequantize_nf4(q)), bits(ref))
@@ -218,7 +226,7 @@ def test_state_dict_is_bitsandbytes(dtype, double_quant):
 
 
 def test_state_dict_is_a_bitsandbytes_linear4bit(tmp_path):
-    """A bitsandbytes Linear4bit saves what to_state_dict writes, and runs on what it reads back."""
+    """A bitsandbytes Linear4bit saves what to_state_dict writes, and reads it back to the same weight."""
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(5)
@@ -234,12 +242,15 @@ def test_state_dict_is_a_bitsandbytes_linear4bit(tmp_path):
     loaded = load_file(tmp_path / "w.safetensors")
     weight = bnb.nn.Params4bit.from_prequantized(loaded["weight"], {k: v for k, v in loaded.items()
                                                                     if k != "weight"}, device="cpu")
+    formula = nf4_reference.dequantize(weight.data, weight.quant_state)
+    assert torch.equal(bits(nf4.dequantize_nf4(nf4.from_state_dict(loaded))), bits(formula))
     fresh = bnb.nn.Linear4bit(96, 40, quant_type="nf4")
     fresh.weight, fresh.bias = weight, linear.bias
     x = torch.randn(3, 96)
-    expected = torch.nn.functional.linear(x, nf4.dequantize_nf4(nf4.from_state_dict(loaded)), linear.bias)
     with torch.no_grad():
-        assert torch.equal(fresh(x), expected)
+        theirs = fresh(x)
+    expected = torch.nn.functional.linear(x, formula, linear.bias)
+    nf4_reference.check_bitsandbytes(bits(expected), bits(theirs), "Linear4bit's forward on a state dict read back")
 
 
 def test_state_dict_with_other_quant_storage():
