@@ -55,7 +55,12 @@ def test_bitsandbytes_linear4bit_agrees():
     ref.load_state_dict(linear.state_dict())
     ref = ref.to("cpu")  # quantises on .to(), as bitsandbytes does
     x = torch.randn(5, 128)
-    torch.testing.assert_close(NF4Linear.from_linear(linear)(x), ref(x), rtol=1e-5, atol=1e-5)
+    formula = nf4_reference.dequantize(ref.weight.data, ref.weight.quant_state)
+    expected = x @ formula.T + linear.bias
+    with torch.no_grad():
+        torch.testing.assert_close(NF4Linear.from_linear(linear)(x), expected, rtol=1e-5, atol=1e-5)
+        theirs = ref(x)
+    nf4_reference.check_bitsandbytes(expected, theirs, "Linear4bit's forward", tol=1e-5)
 
 
 def test_gradients_reach_the_input_not_the_4bit_weight_and_nothing_full_size_is_saved():
@@ -184,11 +189,11 @@ def check_bitsandbytes_logits(bnb_model: nn.Module, expected: torch.Tensor) -> N
     """Warn where transformers' 4-bit model gives other logits than the formula's weights (or fails)."""
     try:
         with torch.no_grad():
-            agrees = torch.allclose(bnb_model(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
+            theirs = bnb_model(input_ids=IDS).logits
     except RuntimeError as error:  # bitsandbytes 0.50.2 on AVX-512 BF16: in_features < blocksize
         warnings.warn(nf4_reference.BitsandbytesDequantisationWrong(f"bitsandbytes' 4-bit forward failed: {error}"))
         return
-    nf4_reference.check_bitsandbytes(torch.ones(1), torch.tensor([float(agrees)]), "a 4-bit model's logits")
+    nf4_reference.check_bitsandbytes(expected, theirs, "a 4-bit model's logits", tol=1e-5)
 
 
 def test_loads_a_bitsandbytes_4bit_checkpoint_without_bitsandbytes_and_saves_one_back(tmp_path):
