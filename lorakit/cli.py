@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -11,6 +12,19 @@ VERBS = {
     "serve": "OpenAI-compatible HTTP server: one base model, many adapters, batched",
 }
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, ImportError)
+# The modules each verb imports, and the extra that installs them (tensorboard is optional).
+NEEDS = {"train": (("transformers", "datasets", "yaml", "tqdm", "matplotlib"), "train"),
+         "infer": (("transformers", "datasets", "yaml"), "train"),
+         "serve": (("transformers", "fastapi", "uvicorn"), "serve")}
+
+
+def require_extra(verb: str) -> None:
+    """Fail at once, naming the install command, when a package the verb needs is missing."""
+    modules, extra = NEEDS[verb]
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"lorakit {verb} needs {', '.join(missing)}, not installed: "
+                          f'pip install "lorakit[{extra}]"')
 
 
 def _train(argv: list[str]) -> int:
@@ -34,11 +48,6 @@ def _infer(argv: list[str]) -> int:
 
 
 def _serve(argv: list[str]) -> int:
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as err:
-        raise ImportError(f"lorakit serve needs {err.name}: pip install 'lorakit[serve]'") from None
     from .serve.server import parse_serve_args, run_server
 
     run_server(parse_serve_args(argv))
@@ -55,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        require_extra(ns.verb)
         return {"train": _train, "infer": _infer, "serve": _serve}[ns.verb](ns.flags)
     except USER_ERRORS as err:
         print(f"lorakit {ns.verb}: error: {err}", file=sys.stderr)

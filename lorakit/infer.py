@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .data.encode import render_chat
-from .data.loading import read_rows
+from .data.loading import read_rows, read_text
 
 
 @dataclass
@@ -25,6 +25,8 @@ class InferArgs:
         "prompt, instruction or text column; stdin when neither this nor --prompt is given.")})
     output_file: Optional[str] = field(default=None, metadata={"help": "Also write results as JSONL here."})
     raw: bool = field(default=False, metadata={"help": "Feed prompts as they are, without the chat template."})
+    system: Optional[str] = field(default=None, metadata={"help": (
+        "System prompt; default: the --system the adapter was trained with (its run_config.yaml).")})
     max_new_tokens: int = 128
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
     temperature: float = 1.0
@@ -52,7 +54,7 @@ def read_prompts(args: InferArgs) -> list[dict]:
     if args.prompt:
         return [{"text": p} for p in args.prompt]
     if args.prompts_file and args.prompts_file.endswith(".txt"):
-        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        lines = read_text(Path(args.prompts_file)).splitlines()
         return [{"text": line} for line in lines if line.strip()]
     if args.prompts_file:
         items = []
@@ -69,6 +71,22 @@ def read_prompts(args: InferArgs) -> list[dict]:
     return [{"text": line} for line in sys.stdin.read().splitlines() if line.strip()]
 
 
+def read_json(path: Path):
+    """A JSON file of the adapter folder, or an error naming it."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+
+
+def trained_system(adapter: Optional[str]) -> Optional[str]:
+    """The --system an adapter was trained with (from its run_config.yaml), if any."""
+    import yaml
+
+    config = Path(adapter) / "run_config.yaml" if adapter else None
+    return (yaml.safe_load(config.read_text()) or {}).get("system") if config and config.is_file() else None
+
+
 def load_for_inference(args: InferArgs):
     """(model, tokenizer, labels) from the adapter folder (and its base model)."""
     from .peft_api import PeftModel
@@ -78,11 +96,11 @@ def load_for_inference(args: InferArgs):
     if adapter is not None and not adapter.is_dir():
         raise FileNotFoundError(f"--adapter folder not found: {adapter}")
     labels_file = adapter / "labels.json" if adapter else None
-    labels = json.loads(labels_file.read_text()) if labels_file and labels_file.is_file() else []
+    labels = read_json(labels_file) if labels_file and labels_file.is_file() else []
     task = "seq_cls" if labels else "causal_lm"
     is_peft = adapter is not None and (adapter / "adapter_config.json").is_file()
     if is_peft:
-        base = args.model or json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = args.model or read_json(adapter / "adapter_config.json").get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{adapter}/adapter_config.json names no base model; pass --model")
     else:
@@ -97,14 +115,31 @@ def load_for_inference(args: InferArgs):
     return model.to(device).eval(), tokenizer, labels
 
 
+def check_room(model, tokenizer, texts: list[str], args: InferArgs) -> None:
+    """Refuse, before generating, a prompt that leaves no room for --max_new_tokens in the model's positions."""
+    from .train.model import position_limit
+
+    limit = position_limit(model.config)
+    if limit is None:
+        return
+    lengths = [len(tokenizer(text, add_special_tokens=args.raw)["input_ids"]) for text in texts]
+    longest = max(range(len(texts)), key=lengths.__getitem__)
+    if lengths[longest] + args.max_new_tokens > limit[0]:
+        raise ValueError(f"prompt {longest + 1} has {lengths[longest]} tokens; with --max_new_tokens "
+                         f"{args.max_new_tokens} that passes the model's {limit[0]} positions ({limit[1]}): "
+                         "shorten it or lower --max_new_tokens")
+
+
 @torch.no_grad()
 def classify(model, tokenizer, labels: list[str], items: list[dict], batch_size: int) -> list[dict]:
-    results = []
+    from .train.model import position_limit
+
+    results, limit = [], position_limit(model.config)
     device = next(model.parameters()).device
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         batch = tokenizer([it["text"] for it in chunk], padding=True, truncation=True,
-                          return_tensors="pt").to(device)
+                          max_length=limit[0] if limit else None, return_tensors="pt").to(device)
         probs = model(**batch).logits.float().softmax(-1)
         for item, row in zip(chunk, probs):
             best = int(row.argmax())
@@ -117,13 +152,17 @@ def generate(model, tokenizer, items: list[dict], args: InferArgs) -> list[dict]
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     torch.manual_seed(args.seed)
+    system = args.system if args.system is not None else trained_system(args.adapter)
+    head = [{"role": "system", "content": system}] if system else []
+    texts = [it["text"] if args.raw else
+             render_chat(tokenizer, [*head, {"role": "user", "content": it["text"]}], add_generation_prompt=True)
+             for it in items]
+    check_room(model, tokenizer, texts, args)
     results = []
     for start in range(0, len(items), args.batch_size):
         chunk = items[start:start + args.batch_size]
-        texts = [it["text"] if args.raw else
-                 render_chat(tokenizer, [{"role": "user", "content": it["text"]}], add_generation_prompt=True)
-                 for it in chunk]
-        batch = tokenizer(texts, padding=True, add_special_tokens=args.raw, return_tensors="pt").to(device)
+        batch = tokenizer(texts[start:start + args.batch_size], padding=True, add_special_tokens=args.raw,
+                          return_tensors="pt").to(device)
         sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample \
             else {"do_sample": False}
         out = model.generate(**batch, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
@@ -135,6 +174,11 @@ def generate(model, tokenizer, items: list[dict], args: InferArgs) -> list[dict]
 
 def run_infer(args: InferArgs) -> list[dict]:
     items = read_prompts(args)
+    if args.output_file:  # before any loading, not after generating
+        try:
+            open(args.output_file, "a").close()
+        except OSError as err:
+            raise ValueError(f"--output_file {args.output_file} cannot be written: {err.strerror}") from None
     model, tokenizer, labels = load_for_inference(args)
     results = (classify(model, tokenizer, labels, items, args.batch_size) if labels
                else generate(model, tokenizer, items, args))

@@ -159,3 +159,77 @@ def test_builtin_dataset_ships_with_the_package():
     assert len(label_set(pairs, [])) == 8
     with pytest.raises(FileNotFoundError, match="built-in datasets: \\['builtin:support_intents'\\]"):
         load_examples(["builtin:nope"])
+
+
+def test_non_utf8_files_name_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1.jsonl:2: not UTF-8 \(byte 0xe9 at column 14\).*must be UTF-8"):
+        load_examples([str(path)])
+    csv = tmp_path / "latin1.csv"
+    csv.write_bytes(b"text,label\ncaf\xe9,pos\n")
+    with pytest.raises(ValueError, match=r"latin1.csv:2: not UTF-8"):
+        load_examples([str(csv)])
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes('\ufeff{"text": "café"}\n'.encode())
+    assert load_examples([str(bom)])[0][0][0].text == "café"
+
+
+def test_an_empty_csv_cell_is_called_empty(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("instruction,input,output\nAdd 1 and 2,,3\nAdd 2 and 2,,\n")
+    with pytest.raises(ValueError, match=r"d.csv:3: field 'output' is empty, needed by the alpaca format") as err:
+        load_examples([str(path)])
+    assert "missing" not in str(err.value)
+    (tmp_path / "c.csv").write_text('text,label\n,pos\n"a\nb",3\n')
+    with pytest.raises(ValueError, match=r"c.csv:2: field 'text' is empty"):
+        load_examples([str(tmp_path / "c.csv")])
+    (tmp_path / "n.csv").write_text('instruction,output\n"two\nlines",\n')
+    with pytest.raises(ValueError, match=r"n.csv:3: field 'output' is empty"):  # the line where the row ends
+        load_examples([str(tmp_path / "n.csv")])
+    (tmp_path / "n.csv").write_text('instruction,output\nAdd 1 and 2,3\nSay NA,NA\n')
+    pairs, _ = load_examples([str(tmp_path / "n.csv")])
+    assert [e.messages[-1]["content"] for e, _ in pairs] == ["3", "NA"]  # text as written, not 3.0 / NaN
+
+
+def test_dataset_sample_suffix_follows_ms_swift(tmp_path):
+    import numpy as np
+
+    rows = [{"text": f"row {i}"} for i in range(24)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    other = write_jsonl(tmp_path / "e.jsonl", rows)
+    pairs, _ = load_examples([f"{path}#5", f"{other}#50"], seed=3)
+    rng = np.random.RandomState(3)  # ms-swift: one RandomState(seed) for the datasets, in order
+    first = rng.permutation(24)[:5].tolist()
+    second = list(range(24)) * 2 + rng.permutation(24)[:2].tolist()  # whole copies, then a random rest
+    assert [e.text for e, _ in pairs] == [f"row {i}" for i in first + second]
+    assert pairs[0][1] == f"{path}:{first[0] + 1}"
+    assert load_examples([f"{path}#5"], seed=3) != load_examples([f"{path}#5"], seed=4)
+    with pytest.raises(ValueError, match=r"#0: the number of rows to sample must be >= 1"):
+        load_examples([f"{path}#0"])
+
+
+def test_held_out_rows_are_drawn_before_sampling(tmp_path):
+    from lorakit.data import load_split
+
+    rows = [{"text": f"row {i}"} for i in range(10)]
+    small, big = (write_jsonl(tmp_path / f"{name}.jsonl", rows) for name in ("small", "big"))
+    train, held, _ = load_split([f"{small}#4", f"{big}#40"], "auto", 0.2, seed=0)
+    assert len(held) == 1 + 2 and len(train) == 3 + 38  # ratio of min(rows, N), as ms-swift
+    held_sources = {source for _, source in held}
+    assert not held_sources & {source for _, source in train}  # no held-out row is trained on
+    with pytest.raises(ValueError, match=r"small.jsonl#1: --val_split_ratio 0.2 leaves no training rows out of 1"):
+        load_split([f"{small}#1"], "auto", 0.2, seed=0)
+
+
+def test_system_prompt_is_added_to_conversations_without_one(tmp_path):
+    from lorakit.data import add_system
+
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "a", "output": "b"},
+                                              {"instruction": "c", "output": "d", "system": "Own."}])
+    pairs, _ = load_examples([path])
+    first, second = [e.messages[0] for e, _ in add_system(pairs, "Be brief.")]
+    assert first == {"role": "system", "content": "Be brief."} and second["content"] == "Own."
+    text, _ = load_examples([write_jsonl(tmp_path / "t.jsonl", [{"text": "x"}])])
+    with pytest.raises(ValueError, match="--system sets the system prompt of conversations"):
+        add_system(text, "Be brief.")

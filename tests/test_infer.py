@@ -1,5 +1,6 @@
 """`lorakit infer`: generation with a trained adapter (checked against PEFT), batching, classification."""
 import json
+import re
 import subprocess
 import sys
 
@@ -94,3 +95,70 @@ def test_full_fine_tuned_output_loads_as_a_model(tiny_lm_dir, tmp_path):
     model, _, labels = load_for_inference(InferArgs(adapter=str(out)))
     assert labels == [] and not any("lora" in n for n, _ in model.named_parameters())
     assert isinstance(model(torch.tensor([[1, 5, 6]])).logits, torch.Tensor)
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "labels.json"])
+def test_invalid_json_in_the_adapter_folder_names_the_file(sft_adapter, tmp_path, capsys, name):
+    import shutil
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(sft_adapter, folder)
+    (folder / name).write_text("{not json")
+    assert main(["infer", "--adapter", str(folder), "--prompt", "x"]) == 2
+    assert f"{folder / name}: not valid JSON" in capsys.readouterr().err
+
+
+def test_the_training_system_prompt_is_used(sft_adapter, tmp_path, monkeypatch):
+    import shutil
+
+    from lorakit import infer
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(sft_adapter, folder)
+    (folder / "run_config.yaml").write_text((folder / "run_config.yaml").read_text()
+                                            .replace("system: null", "system: Be brief."))
+    seen = []
+    monkeypatch.setattr(infer, "render_chat", lambda tok, messages, **kw: seen.append(messages) or "x")
+    run_infer(InferArgs(adapter=str(folder), prompt=["Hi"], max_new_tokens=1))
+    run_infer(InferArgs(adapter=str(folder), prompt=["Hi"], max_new_tokens=1, system="Other."))
+    assert [m[0] for m in seen] == [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Other."}]
+
+
+def test_prompts_longer_than_the_model_takes(tmp_path, capsys):
+    from conftest import alpaca_rows, save_tiny_causal_lm
+
+    gpt2 = save_tiny_causal_lm(tmp_path / "gpt2", arch="gpt2")  # n_positions 256
+    out = tmp_path / "adapter"
+    loop.train(parse_train_args(["--model", gpt2, "--dataset", write_jsonl(tmp_path / "a.jsonl", alpaca_rows()),
+                                 "--output_dir", str(out), "--max_steps", "1", "--report_to", "none"]))
+    assert main(["infer", "--adapter", str(out), "--prompt", "hi", "word " * 300, "--max_new_tokens", "4"]) == 2
+    assert re.search(r"prompt 2 has \d+ tokens; with --max_new_tokens 4 that passes the model's 256 positions "
+                     r"\(n_positions\)", capsys.readouterr().err)
+    assert main(["infer", "--adapter", str(out), "--prompt", "hi", "--max_new_tokens", "300"]) == 2
+    assert "prompt 1 has" in capsys.readouterr().err
+
+
+def test_long_rows_are_truncated_to_the_classifier_positions(tmp_path):
+    import transformers as tf
+    from conftest import save_tiny_bert_classifier
+    from test_train import SENTIMENT
+
+    folder = save_tiny_bert_classifier(tmp_path / "bert")
+    config = tf.AutoConfig.from_pretrained(folder)
+    config.max_position_embeddings = 32
+    tf.BertForSequenceClassification(config).save_pretrained(folder)
+    tf.AutoTokenizer.from_pretrained(folder, model_max_length=10 ** 6).save_pretrained(folder)  # no limit of its own
+    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": label} for t, label in SENTIMENT])
+    loop.train(parse_train_args(["--model", folder, "--dataset", data, "--output_dir", str(tmp_path / "o"),
+                                 "--max_steps", "1", "--report_to", "none", "--val_split_ratio", "0"]))
+    [result] = run_infer(InferArgs(adapter=str(tmp_path / "o"), prompt=["a lovely film " * 40]))
+    assert result["predicted"] in ("neg", "pos")
+
+
+def test_an_unwritable_output_file_fails_before_loading(tmp_path, monkeypatch, capsys):
+    from lorakit import infer
+
+    monkeypatch.setattr(infer, "load_for_inference", lambda args: pytest.fail("loaded before checking"))
+    target = tmp_path / "missing-folder" / "out.jsonl"
+    assert main(["infer", "--adapter", str(tmp_path), "--prompt", "x", "--output_file", str(target)]) == 2
+    assert f"--output_file {target} cannot be written: No such file or directory" in capsys.readouterr().err

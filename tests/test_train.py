@@ -99,8 +99,8 @@ def test_bad_yaml_configs(tmp_path, text, message):
 def test_bad_flag_values_are_named():
     with pytest.raises(ValueError, match="--lora_rank must be >= 1, got 0"):
         TrainArgs(lora_rank=0)
-    with pytest.raises(SystemExit):
-        parse_train_args(["--train_type", "qlorax"])  # argparse lists the choices
+    with pytest.raises(ValueError, match=r"--train_type.*invalid choice: 'qlorax' \(choose from"):
+        parse_train_args(["--train_type", "qlorax"])
 
 
 def test_trains_the_response_loss_down(tiny_lm_dir, alpaca_file, tmp_path):
@@ -332,9 +332,9 @@ def test_resume_refuses_other_settings(tiny_lm_dir, alpaca_file, tmp_path, capsy
     out = tmp_path / "changed"
     assert main(["train", *quick_args(tiny_lm_dir, alpaca_file, out, max_steps=3)]) == 0
     code = main(["train", *quick_args(tiny_lm_dir, alpaca_file, out, max_steps=3, lora_rank=8), "--resume"])
-    assert code == 2 and "(was --lora_rank changed?)" in capsys.readouterr().err
+    assert code == 2 and "--lora_rank: 4 in the checkpoint, 8 now" in capsys.readouterr().err
     code = main(["train", *quick_args(tiny_lm_dir, alpaca_file, out, max_steps=3, learning_rate=0.5), "--resume"])
-    assert code == 2 and "learning_rate: 0.01 -> 0.5" in capsys.readouterr().err
+    assert code == 2 and "--learning_rate: 0.01 in the checkpoint, 0.5 now" in capsys.readouterr().err
 
 
 # --- many processes --------------------------------------------------------------------------------

@@ -63,6 +63,8 @@ def _field(row: Row, name: str, fmt: str, *, types=(str,), optional: bool = Fals
     if value is None:
         if optional:
             return default
+        if name in row.data:
+            raise ValueError(f"{row.source}: field {name!r} is empty, needed by the {fmt} format")
         raise ValueError(f"{row.source}: missing field {name!r}, needed by the {fmt} format "
                          f"(row has {sorted(row.data)})")
     if not isinstance(value, types):
@@ -114,9 +116,7 @@ def _text(row: Row) -> PlainText:
 
 
 def _labelled(row: Row) -> Labelled:
-    text = row.data.get("text", row.data.get("sentence"))
-    if not isinstance(text, str):
-        raise ValueError(f"{row.source}: missing field 'text' (or 'sentence'), needed by the "
-                         f"classification format (row has {sorted(row.data)})")
+    name = "sentence" if "sentence" in row.data and "text" not in row.data else "text"
+    text = _field(row, name, "classification")
     label = _field(row, "label", "classification", types=(str, int, bool))
     return Labelled(text, str(label))

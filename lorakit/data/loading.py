@@ -1,6 +1,8 @@
 """Reading dataset rows from files or the hub, with errors that name the file and line."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +44,27 @@ def read_rows(spec: str) -> list[Row]:
                              f"{', '.join(FILE_TYPES)}")
         if suffix in (".jsonl", ".json"):
             return _read_json(path)
+        if suffix == ".csv":
+            return _read_csv(path)
         return _read_with_datasets(FILE_TYPES[suffix], str(path))
     return _read_hub(spec)
 
 
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text (a leading BOM is dropped); otherwise an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - data.rfind(b"\n", 0, err.start)
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x} at column {column}); the file "
+                         "must be UTF-8: re-save it as UTF-8 (e.g. iconv -f cp1252 -t utf-8)") from None
+
+
 def _read_json(path: Path) -> list[Row]:
     """A JSON array of objects, or one JSON object per line (JSONL)."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -71,12 +87,23 @@ def _read_json(path: Path) -> list[Row]:
     return rows
 
 
+def _read_csv(path: Path) -> list[Row]:
+    """A CSV file with a header row; every cell is text as written, an empty cell is None."""
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    rows = []
+    for data in reader:
+        if None in data:
+            raise ValueError(f"{path}:{reader.line_num}: more cells than the header has columns")
+        rows.append(Row({key: value or None for key, value in data.items()}, f"{path}:{reader.line_num}"))
+    return rows
+
+
 def _read_with_datasets(builder: str, data_files: str) -> list[Row]:
     import datasets
 
     datasets.disable_progress_bars()
     table = datasets.load_dataset(builder, data_files=data_files, split="train")
-    return [Row(dict(item), f"{data_files}:row {i}") for i, item in enumerate(table)]
+    return [Row(dict(item), f"{data_files}:row {i}") for i, item in enumerate(table, start=1)]
 
 
 def _read_hub(dataset_id: str) -> list[Row]:

