@@ -3,10 +3,12 @@
 Keys are exactly PEFT's: `base_model.model.<module path>.lora_A.weight` (adapter name dropped),
 `lora_embedding_A`, `lora_magnitude_vector`, `<path>.base_layer.bias` for a LoRA layer's bias,
 `<path>.base_layer.weight` for targeted embed_tokens / lm_head (as PEFT's save_embedding_layers="auto"),
-and modules_to_save copies at the module's plain path.
+and modules_to_save copies at the module's plain path. Reading also takes what PEFT writes with
+save_embedding_layers=True (see loadable_extras).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -15,10 +17,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import CONFIG_NAME
 from .inject import LoraModel, is_adapter_internal, is_bias
-from .layers import LoraLayer
+from .layers import LoraLayer, ModulesToSave
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+CARD_NAME = "README.md"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
@@ -80,6 +84,25 @@ def _saved_embedding_paths(lora_model: LoraModel, config) -> list[str]:
             and isinstance(m.base_layer, (nn.Linear, nn.Embedding)) and any(m is e for e in embeddings)]
 
 
+def loadable_extras(lora_model: LoraModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """PEFT key -> live tensor for what PEFT's save_embedding_layers=True adds (after resize_token_embeddings):
+    a modules_to_save wrapper's `original_module.*` (the base module) and `modules_to_save.*` (its copy
+    again), and the weights of input / output embeddings that are neither targeted nor saved."""
+    slots: dict[str, torch.Tensor] = {}
+    for path, module in lora_model.saved_modules():
+        if adapter_name in module.modules_to_save:
+            parts = {"original_module": module.base_layer, "modules_to_save": module.modules_to_save[adapter_name]}
+            for part, owner in parts.items():
+                slots.update({f"{PREFIX}{path}.{part}.{k}": t for k, t in owner.state_dict(keep_vars=True).items()})
+    model = lora_model.model
+    if hasattr(model, "get_input_embeddings"):
+        embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
+        for path, module in model.named_modules():
+            if any(module is e for e in embeddings) and not isinstance(module, (LoraLayer, ModulesToSave)):
+                slots.update({f"{PREFIX}{path}.{k}": t for k, t in module.state_dict(keep_vars=True).items()})
+    return slots
+
+
 def adapter_state_dict(lora_model: LoraModel, adapter_name: str) -> dict[str, torch.Tensor]:
     return {k: t.detach().contiguous() for k, t in adapter_slots(lora_model, adapter_name).items()}
 
@@ -89,25 +112,61 @@ def save_adapter(lora_model: LoraModel, directory: str | os.PathLike, adapter_na
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, WEIGHTS_NAME)
     tmp = f"{path}.tmp{os.getpid()}"
+    open(tmp, "wb").close()  # a new file gets the umask's mode; safetensors' own is always 0600
+    mode = os.stat(tmp).st_mode & 0o777
     state, storages = adapter_state_dict(lora_model, adapter_name), set()
     for key, tensor in state.items():  # safetensors refuses tensors sharing memory (tied weights); PEFT clones too
         storage = tensor.untyped_storage().data_ptr()
         state[key] = tensor.clone() if storage in storages else tensor
         storages.add(storage)
     save_file(state, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
     lora_model.peft_config[adapter_name].save_pretrained(directory)
 
 
+def write_model_card(directory: str | os.PathLike, base_model: str | None, tags: list[str],
+                     pipeline_tag: str | None = None) -> None:
+    """README.md with the metadata the Hub and its tools read, as PEFT writes it. A README.md already
+    there (the user's, or an earlier save's) is left as it is."""
+    head = [f"base_model: {json.dumps(base_model)}"] if base_model else []
+    head += ["library_name: peft"] + ([f"pipeline_tag: {pipeline_tag}"] if pipeline_tag else [])
+    head += ["tags:", *(f"- {json.dumps(tag)}" for tag in sorted(set(tags)))]
+    title = f"LoRA adapter for {base_model}" if base_model else "LoRA adapter"
+    body = (f"# {title}\n\nSaved by lorakit in PEFT's format ({CONFIG_NAME} + {WEIGHTS_NAME}): it loads with "
+            "PEFT's `PeftModel.from_pretrained`, with lorakit and in vLLM.\n")
+    try:
+        with open(os.path.join(directory, CARD_NAME), "x", encoding="utf-8") as f:
+            f.write("\n".join(["---", *head, "---", "", body]))
+    except FileExistsError:
+        pass
+
+
 def read_adapter_file(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter folder: safetensors, or a .bin read with weights_only (never unpickled)."""
+    """The tensors of an adapter folder: safetensors, or a .bin read with weights_only (never unpickled);
+    each checked to be floating-point and finite."""
     st_path = os.path.join(directory, WEIGHTS_NAME)
-    bin_path = os.path.join(directory, LEGACY_WEIGHTS_NAME)
     if os.path.isfile(st_path):
         try:
-            return load_file(st_path, device="cpu")
+            state = load_file(st_path, device="cpu")
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"{st_path}: corrupt or truncated safetensors file ({err}); save the adapter again") from err
+        return _checked(st_path, state)
+    return _checked(os.path.join(directory, LEGACY_WEIGHTS_NAME), _read_bin(directory))
+
+
+def _checked(path: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for key, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: tensor {key} has dtype {tensor.dtype}; adapter weights must be floating-point")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: tensor {key} holds NaN or Inf; adapter weights must be finite "
+                             "(was training diverging when it was saved?)")
+    return state
+
+
+def _read_bin(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    bin_path = os.path.join(directory, LEGACY_WEIGHTS_NAME)
     if os.path.isfile(bin_path):
         try:
             state = torch.load(bin_path, map_location="cpu", weights_only=True)
@@ -129,10 +188,12 @@ def _normalise_key(key: str) -> str:
 def load_adapter_weights(lora_model: LoraModel, adapter_name: str, tensors: dict[str, torch.Tensor],
                          source: str) -> None:
     """Copy a PEFT-format state dict into the adapter, refusing anything that does not fit."""
-    slots = adapter_slots(lora_model, adapter_name)
-    tensors = {_normalise_key(k): v for k, v in tensors.items()}
+    saved = adapter_slots(lora_model, adapter_name)
+    slots = {**loadable_extras(lora_model, adapter_name), **saved}
+    # what lorakit itself saves goes last, so it wins where PEFT wrote a tensor twice
+    tensors = dict(sorted(((_normalise_key(k), v) for k, v in tensors.items()), key=lambda kv: kv[0] in saved))
     unexpected = sorted(set(tensors) - set(slots))
-    missing = sorted(k for k in set(slots) - set(tensors) if not k.endswith("bias") and ".base_layer." not in k)
+    missing = sorted(k for k in set(saved) - set(tensors) if not k.endswith("bias") and ".base_layer." not in k)
     if unexpected or missing:
         raise ValueError(
             f"adapter {source} does not fit this model ({type(lora_model.model).__name__}): "

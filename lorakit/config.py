@@ -29,10 +29,6 @@ UNSUPPORTED_PEFT_FIELDS: dict[str, Any] = {
     "megatron_config": None,
     "megatron_core": "megatron.core",
     "trainable_token_indices": None,
-    "loftq_config": {},
-    "eva_config": None,
-    "corda_config": None,
-    "lora_ga_config": None,
     "velora_config": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
@@ -47,10 +43,18 @@ UNSUPPORTED_PEFT_FIELDS: dict[str, Any] = {
     "kasa_config": None,
     "ensure_weight_tying": False,
 }
+# Settings of PEFT's data-driven inits: they shape the weights before training, never the trained
+# adapter, so a file's values are accepted and not kept (init_lora_weights says what is supported).
+INIT_SETTINGS_FIELDS: dict[str, Any] = {"loftq_config": {}, "eva_config": None, "corda_config": None,
+                                        "lora_ga_config": None}
 # Bookkeeping fields PEFT writes; read and written back, never acted on.
 PEFT_METADATA_FIELDS = ("peft_type", "auto_mapping", "peft_version", "revision")
 
 INIT_CHOICES = (True, False, "gaussian")
+# Inits that leave the base weights alone: their trained adapters are plain LoRA, loaded as such.
+LOAD_ONLY_INITS = ("orthogonal", "eva")
+# Inits that rewrite the base weights; PEFT can convert their adapters to plain LoRA.
+CONVERTIBLE_INITS = ("pissa", "olora", "corda", "lora_ga")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
@@ -80,27 +84,35 @@ class LoraConfig:
     peft_type: str = "LORA"
 
     def __post_init__(self) -> None:
+        self.rank_pattern = {} if self.rank_pattern is None else self.rank_pattern  # PEFT allows null
+        self.alpha_pattern = {} if self.alpha_pattern is None else self.alpha_pattern
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming the field and what would be accepted."""
+        _check_types(self)
         _check_rank("r", self.r)
         for pattern, rank in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{pattern!r}]", rank)
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
+        if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
-        if self.init_lora_weights not in INIT_CHOICES:
-            raise ValueError(
-                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
-            )
+        _check_init(self.init_lora_weights)
+        for name, alpha in [("lora_alpha", self.lora_alpha),
+                            *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
+            if alpha < 0:
+                warnings.warn(f"{name}={alpha} is negative: the adapter's update is subtracted (scaling "
+                              "lora_alpha / r < 0); PEFT allows it, but it is most likely a mistake",
+                              UserWarning, stacklevel=4)
         if self.peft_type != "LORA":
             raise ValueError(f"lorakit reads LoRA adapters only; this config has peft_type={self.peft_type!r}")
         if isinstance(self.target_modules, str) and (
@@ -119,7 +131,7 @@ class LoraConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON PEFT writes: our fields plus PEFT's unsupported ones at their defaults."""
-        out = {**UNSUPPORTED_PEFT_FIELDS, **dataclasses.asdict(self)}
+        out = {**UNSUPPORTED_PEFT_FIELDS, **INIT_SETTINGS_FIELDS, **dataclasses.asdict(self)}
         out.pop("runtime_config")  # PEFT keeps it out of files too
         for key in ("target_modules", "exclude_modules"):
             if isinstance(out[key], (set, tuple)):
@@ -145,9 +157,12 @@ class LoraConfig:
                         f"{source}: {key}={value!r} is a PEFT feature lorakit does not support; "
                         f"lorakit accepts only {UNSUPPORTED_PEFT_FIELDS[key]!r} there"
                     )
-            elif key not in PEFT_METADATA_FIELDS:
+            elif key not in PEFT_METADATA_FIELDS and key not in INIT_SETTINGS_FIELDS:
                 warnings.warn(f"{source}: ignoring unknown LoraConfig field {key!r}", UserWarning, stacklevel=2)
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None) -> "LoraConfig":
@@ -165,6 +180,63 @@ class LoraConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object of LoraConfig fields")
         return cls.from_dict(data, source=path)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_names(value: Any, allow_str: bool = True) -> bool:
+    return value is None or (allow_str and isinstance(value, str)) or (
+        isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_layers(value: Any) -> bool:
+    return value is None or _is_index(value) or (isinstance(value, list) and all(map(_is_index, value)))
+
+
+# field -> (test, what is accepted), checked before any value is used
+FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "lora_alpha": (_is_number, "a number"),
+    "lora_dropout": (_is_number, "a number"),
+    **dict.fromkeys(["use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"],
+                    (lambda v: isinstance(v, bool), "true or false")),
+    **dict.fromkeys(["target_modules", "exclude_modules", "layers_pattern"],
+                    (_is_names, "a string, a list of strings or null")),
+    "modules_to_save": (lambda v: _is_names(v, allow_str=False), "a list of module names or null"),
+    "layers_to_transform": (_is_layers, "a layer index, a list of layer indices or null"),
+    **dict.fromkeys(["rank_pattern", "alpha_pattern"], (lambda v: isinstance(v, dict), "an object (name -> value)")),
+    **dict.fromkeys(["task_type", "base_model_name_or_path", "revision"],
+                    (lambda v: v is None or isinstance(v, str), "a string or null")),
+}
+
+
+def _check_types(config: LoraConfig) -> None:
+    for name, (ok, accepted) in FIELD_TYPES.items():
+        value = getattr(config, name)
+        if not ok(value):
+            raise ValueError(f"{name} must be {accepted}, got {value!r} ({type(value).__name__})")
+    for key, alpha in config.alpha_pattern.items():
+        if not _is_number(alpha):
+            raise ValueError(f"alpha_pattern[{key!r}] must be a number, got {alpha!r} ({type(alpha).__name__})")
+
+
+def _check_init(init: Any) -> None:
+    if init in INIT_CHOICES or init in LOAD_ONLY_INITS:
+        return
+    accepted = "init_lora_weights must be True, False or 'gaussian' (or, in a trained adapter, 'orthogonal' or 'eva')"
+    if isinstance(init, str) and init.lower().startswith(CONVERTIBLE_INITS):
+        raise ValueError(
+            f"{accepted}, got {init!r}: that init rewrites the base model's weights, so the trained adapter fits "
+            "only those. Convert it to plain LoRA with PEFT: save the adapter before training (with "
+            "init_lora_weights=True), then save the trained one with save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=<that folder>); the result loads onto the original base"
+        )
+    raise ValueError(f"{accepted}, got {init!r}")
 
 
 def _check_rank(name: str, value: Any) -> None:

@@ -25,6 +25,12 @@ class WrapsBase(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         self._adopt(base)
+        self.training = base.training  # the model's train / eval mode where it stands
+
+    def train(self, mode: bool = True):
+        """Also the base's own flag: it is not a child, and its forward may read it."""
+        self.base_layer.training = mode
+        return super().train(mode)
 
     def _adopt(self, base: nn.Module) -> None:
         self.__dict__["_parameters"] = base._parameters
@@ -221,7 +227,7 @@ class LoraLinear(LoraLayer):
             if base.bias is not None:
                 dense.bias.copy_(base.bias)
         dense.requires_grad_(False)
-        self._adopt(dense)
+        self._adopt(dense.train(self.training))
 
     def delta_weight_out_in(self, name: str) -> torch.Tensor:
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]

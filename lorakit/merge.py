@@ -60,7 +60,8 @@ def unload(lora_model: LoraModel, merge: bool = False, safe_merge: bool = False,
         from .quantized import NF4Linear
 
         for name in requantize:
-            replace_module(model, name, NF4Linear.from_linear(model.get_submodule(name)))
+            merged = model.get_submodule(name)
+            replace_module(model, name, NF4Linear.from_linear(merged).train(merged.training))
     for name, module in list(lora_model.saved_modules()):
         replacement = module.modules_to_save[module.active_adapter] if module.active_adapter else module.base_layer
         replace_module(model, name, replacement)

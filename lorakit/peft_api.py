@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from contextlib import contextmanager
 
 from torch import nn
 
 from . import checkpoint, lean_loss, lean_mlp, lean_norm, merge
-from .config import CONFIG_NAME, LoraConfig
+from .config import CONFIG_NAME, LOAD_ONLY_INITS, LoraConfig
 from .inject import LoraModel
 
 
@@ -39,6 +40,17 @@ class PeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    @property
+    def __class__(self):
+        """transformers' Trainer saves and resumes adapters (not the whole model) only for an
+        isinstance of peft.PeftModel. Where peft is loaded (Trainer loads it), isinstance answers yes:
+        this class offers PEFT's API. Nothing is inherited from PEFT's class; lorakit never imports it."""
+        return _peft_lookalike(type(self), getattr(sys.modules.get("peft"), "PeftModel", None))
+
+    def __reduce_ex__(self, protocol):
+        """Pickled and copied as its own class (pickle refuses a __class__ other than the type)."""
+        return _new, (type(self),), self.__getstate__()
+
     # --- parameters -----------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts."""
@@ -63,6 +75,7 @@ class PeftModel(nn.Module):
 
     # --- adapters -------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        _check_new(peft_config)
         self.base_model.add_adapter(adapter_name, peft_config)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -94,9 +107,12 @@ class PeftModel(nn.Module):
         return _plain(merge.unload(self.base_model, merge=False))
 
     # --- files ----------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike,
-                        selected_adapters: list[str] | None = None, **_ignored) -> None:
-        """PEFT's layout: 'default' at the top of the folder, any other adapter in a subfolder of its name."""
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+                        is_main_process: bool = True, **_ignored) -> None:
+        """PEFT's layout: 'default' at the top of the folder, any other adapter in a subfolder of its name;
+        a model card (README.md) at the top unless one is there."""
+        if not is_main_process:
+            return
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file; give a folder")
         names = selected_adapters or list(self.peft_config)
@@ -108,6 +124,15 @@ class PeftModel(nn.Module):
                 config.base_model_name_or_path = base_name
             target = save_directory if name == "default" else os.path.join(save_directory, name)
             checkpoint.save_adapter(self.base_model, target, name)
+        self._write_model_card(save_directory, self.peft_config[names[0]])
+
+    def _write_model_card(self, directory: str | os.PathLike, config: LoraConfig) -> None:
+        base, name = self.get_base_model(), config.base_model_name_or_path
+        tags = ["lora", "lorakit", *(getattr(base, "model_tags", None) or [])]
+        tags += [f"base_model:adapter:{name}"] if name else []
+        tags += ["transformers"] if any(c.__name__ == "PreTrainedModel" for c in type(base).__mro__) else []
+        pipeline = "text-generation" if config.task_type == "CAUSAL_LM" else None
+        checkpoint.write_model_card(directory, name, tags, pipeline)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -129,11 +154,20 @@ class PeftModel(nn.Module):
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      subfolder: str | None = None, **_ignored) -> None:
-        """Add a saved adapter under a new name (inactive until set_adapter)."""
+        """Add a saved adapter under a new name (inactive until set_adapter), or, as PEFT (and Trainer's
+        resume), load its weights into the existing adapter of that name. Not trainable: eval mode, as PEFT."""
         directory = _adapter_dir(model_id, subfolder)
+        tensors = checkpoint.read_adapter_file(directory)
+        if adapter_name in self.peft_config:
+            checkpoint.load_adapter_weights(self.base_model, adapter_name, tensors, os.fspath(directory))
+        else:
+            self._add_loaded(directory, adapter_name, is_trainable, tensors)
+        if not is_trainable:
+            self.eval()
+
+    def _add_loaded(self, directory: str, adapter_name: str, is_trainable: bool, tensors: dict) -> None:
         config = LoraConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
-        tensors = checkpoint.read_adapter_file(directory)
         try:
             self.base_model.add_adapter(adapter_name, config)
         except ValueError as err:
@@ -148,7 +182,27 @@ class PeftModel(nn.Module):
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
                    **_ignored) -> PeftModel:
     """Wrap `model` with a fresh LoRA adapter: the base frozen, the adapter trainable."""
+    _check_new(peft_config)
     return PeftModel(model, peft_config, adapter_name)
+
+
+def _check_new(config: LoraConfig) -> None:
+    if config.init_lora_weights in LOAD_ONLY_INITS:
+        raise ValueError(f"init_lora_weights={config.init_lora_weights!r}: lorakit loads adapters trained this way "
+                         "(they are plain LoRA) but does not initialise new ones so; use True or 'gaussian', "
+                         "or create the adapter with PEFT")
+
+
+@functools.cache
+def _peft_lookalike(cls: type, peft_class: type | None) -> type:
+    """`cls`, or where peft is loaded a subclass of `cls` and peft.PeftModel, for isinstance only (never instantiated)."""
+    if peft_class is None:
+        return cls
+    return type(cls.__name__, (cls, peft_class), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def _new(cls: type) -> "PeftModel":
+    return cls.__new__(cls)
 
 
 def _plain(model: nn.Module) -> nn.Module:

@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -165,3 +166,53 @@ def test_safe_merge_refuses_nan_and_keeps_weights():
     with pytest.raises(ValueError, match=r"NaN/Inf .*refusing \(safe_merge\)"):
         model.merge_and_unload(safe_merge=True)
     assert torch.equal(layer.weight, before)
+
+
+@pytest.mark.parametrize("bad, accepted", [
+    (torch.ones(4, 32, dtype=torch.int64), "floating-point"),
+    (torch.full((4, 32), float("nan")), "finite"),
+    (torch.full((4, 32), float("-inf")), "finite"),
+])
+def test_non_float_or_non_finite_tensors_are_refused(tmp_path, bad, accepted):
+    _, adapter = _saved_adapter(tmp_path)
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in sorted(tensors) if k.endswith("q_proj.lora_A.weight"))
+    save_file({**tensors, key: bad}, path)
+    message = rf"{re.escape(str(path))}: tensor {re.escape(key)} .*{accepted}"
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(build_model("llama"), adapter)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lora_alpha", "16", r"lora_alpha must be a number, got '16'"),
+    ("lora_dropout", "0.1", r"lora_dropout must be a number, got '0.1'"),
+    ("use_rslora", "yes", r"use_rslora must be true or false, got 'yes'"),
+    ("target_modules", ["q_proj", 3], r"target_modules must be .*, got \['q_proj', 3\]"),
+    ("alpha_pattern", {"q_proj": "8"}, r"alpha_pattern\['q_proj'\] must be a number"),
+    ("layers_to_transform", ["0"], r"layers_to_transform must be .*, got \['0'\]"),
+])
+def test_config_field_of_the_wrong_type_names_file_and_field(tmp_path, field, value, message):
+    _, adapter = _saved_adapter(tmp_path)
+    config_path = adapter / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), field: value}))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(config_path))}: {message}"):
+        PeftModel.from_pretrained(build_model("llama"), adapter)
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(**{field: value})
+
+
+def test_negative_lora_alpha_warns():
+    with pytest.warns(UserWarning, match=r"lora_alpha=-8 is negative"):
+        LoraConfig(lora_alpha=-8)
+    with pytest.warns(UserWarning, match=r"alpha_pattern\['q_proj'\]=-1 is negative"):
+        LoraConfig(alpha_pattern={"q_proj": -1})
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "eva"])
+def test_load_only_inits_are_refused_for_new_adapters(init):
+    with pytest.raises(ValueError, match=rf"init_lora_weights='{init}'.*loads adapters trained this way"):
+        get_peft_model(build_model("llama"), LoraConfig(init_lora_weights=init, target_modules=["q_proj"]))
+    model = get_peft_model(build_model("llama"), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=rf"init_lora_weights='{init}'"):
+        model.add_adapter("other", LoraConfig(init_lora_weights=init, target_modules=["q_proj"]))

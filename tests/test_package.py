@@ -22,7 +22,7 @@ def test_minilm_demo_trains_saves_reloads_and_merges(tmp_path, capsys):
     spec.loader.exec_module(demo)
     demo.main(str(tmp_path / "adapter"))
     out = capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json",
                                                                          "adapter_model.safetensors"]
     losses = [float(line.split("loss ")[1].split()[0]) for line in out.splitlines() if line.startswith("step")]
     assert losses[-1] < losses[0] / 10

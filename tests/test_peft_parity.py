@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 
 import peft
@@ -392,3 +393,102 @@ def test_merge_and_unload_matches_peft(case, tmp_path):
         out_ours, out_theirs, out_base = output(ours, inputs), output(theirs, inputs), output(build(arch), inputs)
     torch.testing.assert_close(out_ours, out_theirs, atol=ATOL, rtol=0)
     assert (out_ours - out_base).abs().max() > 20 * ATOL
+
+
+# --- 6: adapters PEFT writes in less common ways ---------------------------------------------------
+def test_load_adapter_in_eval_mode_is_deterministic_like_peft(tmp_path):
+    """An adapter loaded (or added) into a model in eval mode runs without dropout, as in PEFT."""
+    cfg = dict(r=4, lora_alpha=8, lora_dropout=0.5, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+    peft.get_peft_model(build("llama", seed=3), peft.LoraConfig(**cfg)).save_pretrained(tmp_path)
+    inputs, got = inputs_for("llama"), {}
+    for lib in (peft, lorakit):
+        model = lib.get_peft_model(build("llama"), lib.LoraConfig(**cfg)).eval()
+        model.load_adapter(str(tmp_path), adapter_name="other")
+        model.set_adapter("other")
+        with torch.no_grad():
+            got[lib.__name__] = output(model, inputs)
+            torch.testing.assert_close(output(model, inputs), got[lib.__name__], atol=0, rtol=0)
+    torch.testing.assert_close(got["lorakit"], got["peft"], atol=ATOL, rtol=0)
+
+
+def _resized_llama(seed: int) -> nn.Module:
+    """The usual "add tokens" recipe: the vocabulary grown from 96 to 100 (new rows drawn at random)."""
+    model = build("llama")
+    torch.manual_seed(seed)
+    model.resize_token_embeddings(100)
+    return model
+
+
+def test_saved_embedding_layers_with_modules_to_save_load_like_peft(tmp_path):
+    """embed_tokens / lm_head in modules_to_save, saved with save_embedding_layers=True (what PEFT does
+    after resize_token_embeddings): the file holds each module's copy three ways and its original."""
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    source = peft.get_peft_model(_resized_llama(seed=1), peft.LoraConfig(**cfg))
+    inputs = {"input_ids": torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))}
+    train(source, inputs)
+    source.save_pretrained(tmp_path, save_embedding_layers=True)
+    assert "base_model.model.lm_head.original_module.weight" in read_tensors(str(tmp_path))
+    results = {}
+    for lib in (peft, lorakit):
+        loaded = lib.PeftModel.from_pretrained(_resized_llama(seed=2), str(tmp_path))
+        with torch.no_grad():
+            adapted = output(loaded, inputs)
+            with loaded.disable_adapter():
+                results[lib.__name__] = (adapted, output(loaded, inputs))
+    with torch.no_grad():
+        torch.testing.assert_close(results["peft"][0], output(source.eval(), inputs), atol=ATOL, rtol=0)
+    for ours, theirs in zip(results["lorakit"], results["peft"]):
+        torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+def _eva_adapter(directory):
+    from peft import EvaConfig, initialize_lora_eva_weights
+
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights="eva", eva_config=EvaConfig(rho=2.0),
+                          target_modules=["q_proj", "v_proj", "up_proj"])
+    model = peft.get_peft_model(build("llama"), cfg, low_cpu_mem_usage=True)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 96, (4, 16), generator=g),
+                "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(4)]
+    initialize_lora_eva_weights(model, batches, show_progress_bar=False)
+    return model
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "eva"])
+def test_plain_at_inference_inits_load_like_peft(init, tmp_path):
+    """Orthogonal and EVA inits leave the base weights alone: the trained adapter is plain LoRA."""
+    if init == "eva":
+        source = _eva_adapter(tmp_path)
+    else:
+        source = peft.get_peft_model(build("llama"), peft.LoraConfig(
+            r=4, lora_alpha=8, init_lora_weights="orthogonal", target_modules=["q_proj", "v_proj"]))
+    inputs = inputs_for("llama")
+    train(source, inputs)
+    source.save_pretrained(tmp_path)
+    assert read_config(str(tmp_path))["init_lora_weights"] == init
+    with torch.no_grad():
+        expected = output(source.eval(), inputs)
+        got = output(lorakit.PeftModel.from_pretrained(build("llama"), str(tmp_path)), inputs)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_base_changing_inits_are_refused_until_converted(init, tmp_path):
+    """PiSSA / OLoRA rewrite the base weights: refused, naming the file and PEFT's conversion, after
+    which the adapter loads onto the untouched base and computes as the trained model."""
+    source = peft.get_peft_model(build("llama"), peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=init, target_modules=["q_proj", "v_proj"]))
+    source.peft_config["default"].init_lora_weights = True  # PEFT's recipe: keep the initial adapter
+    source.save_pretrained(tmp_path / "initial")
+    source.peft_config["default"].init_lora_weights = init
+    inputs = inputs_for("llama")
+    train(source, inputs)
+    source.save_pretrained(tmp_path / "trained")
+    config_path = os.path.join(str(tmp_path / "trained"), "adapter_config.json")
+    with pytest.raises(ValueError, match=rf"{re.escape(config_path)}: .*{init}.*path_initial_model_for_weight_conversion"):
+        lorakit.PeftModel.from_pretrained(build("llama"), str(tmp_path / "trained"))
+    source.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    with torch.no_grad():
+        expected = output(source.eval(), inputs)
+        got = output(lorakit.PeftModel.from_pretrained(build("llama"), str(tmp_path / "converted")), inputs)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
