@@ -105,6 +105,14 @@ def test_stop_strings_and_eos(setup):
     assert ended.finish_reason == "stop" and ended.token_ids == full.token_ids[:full.token_ids.index(eos) + 1]
 
 
+def test_a_tiny_temperature_samples_as_greedy(setup):
+    _, tokenizer, _ = setup
+    bank = make_bank(setup)
+    greedy = generate_batch(bank, tokenizer, requests(tokenizer))
+    tiny = generate_batch(bank, tokenizer, requests(tokenizer, temperature=1e-300, seed=0))  # 0 in float32
+    assert [r.token_ids for r in tiny] == [r.token_ids for r in greedy]
+
+
 @pytest.mark.parametrize("change, match", [
     ({"prompt_ids": []}, "prompt_ids is empty"),
     ({"prompt_ids": [10**6]}, "token ids in"),
@@ -112,6 +120,7 @@ def test_stop_strings_and_eos(setup):
     ({"temperature": -1.0}, "temperature"),
     ({"top_p": 0.0}, "top_p"),
     ({"max_new_tokens": 10**6}, "positions"),
+    ({"seed": 2**64}, "seed must be an integer from"),
 ])
 def test_bad_requests_are_refused(setup, change, match):
     _, tokenizer, _ = setup

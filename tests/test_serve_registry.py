@@ -4,6 +4,8 @@ import os
 import time
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from lorakit.serve import batcher as batcher_module
 from lorakit.serve.batcher import Batcher
@@ -15,7 +17,7 @@ class FakeBank:
     """Records loads and unloads; fails to load adapters whose config says so."""
 
     def __init__(self):
-        self.loaded, self.log = set(), []
+        self.loaded, self.log, self.model = set(), [], None
 
     def load(self, name, folder):
         if "broken" in (folder / "adapter_config.json").read_text():
@@ -31,7 +33,7 @@ class FakeBank:
 def make_adapter(folder, config: str = "{}"):
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text(config)
-    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    save_file({"x.lora_A.weight": torch.zeros(1, 2)}, str(folder / "adapter_model.safetensors"))
     return folder
 
 
@@ -104,14 +106,14 @@ def test_changed_files_are_reloaded(adapters):
     registry.prepare({"a"})
     assert bank.log == [("load", "a")]
     weights = adapters / "a" / "adapter_model.safetensors"
-    weights.write_bytes(b"new weights")
+    save_file({"x.lora_A.weight": torch.ones(1, 2)}, str(weights))
     os.utime(weights, ns=(time.time_ns() + 10**9,) * 2)
     registry.prepare({"a"})
     assert bank.log == [("load", "a"), ("unload", "a"), ("load", "a")]
 
 
 def test_a_failed_load_is_reported_per_adapter(adapters):
-    make_adapter(adapters / "bad", config="broken")
+    make_adapter(adapters / "bad", config='{"base_model_name_or_path": "broken"}')
     registry = AdapterRegistry(FakeBank(), adapters, 3)
     failures = registry.prepare({"a", "bad", "gone"})
     assert set(failures) == {"bad", "gone"}
@@ -130,6 +132,7 @@ def test_batches_hold_no_more_adapters_than_can_be_loaded(adapters, monkeypatch)
         return [GenerationResult([5], "hi", "length", 1) for _ in requests]
 
     monkeypatch.setattr(batcher_module, "generate_batch", fake_generate)
+    monkeypatch.setattr(batcher_module, "check_request", lambda request, model: None)
     batcher = Batcher(AdapterRegistry(FakeBank(), adapters, 2), tokenizer=None, max_batch_size=8, window_s=0.2)
 
     async def run():
@@ -146,3 +149,38 @@ def test_batches_hold_no_more_adapters_than_can_be_loaded(adapters, monkeypatch)
     assert events[0][0] == ("text", "hi") and events[0][1][0] == "done"
     assert events[1][0][0] == "done"
     assert events[-1][0][0] == "error" and isinstance(events[-1][0][1], UnknownAdapter)
+
+
+def test_a_bug_fails_its_batch_and_the_worker_goes_on(adapters, monkeypatch):
+    calls = []
+
+    def buggy_check(request, model):
+        calls.append(request)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+
+    monkeypatch.setattr(batcher_module, "check_request", buggy_check)
+    monkeypatch.setattr(batcher_module, "generate_batch",
+                        lambda bank, tokenizer, requests, on_text: [GenerationResult([5], "hi", "length", 1)])
+    batcher = Batcher(AdapterRegistry(FakeBank(), adapters, 2), tokenizer=None, window_s=0)
+
+    async def ask():
+        return await batcher.submit(GenerationRequest([1], adapter="a")).events.get()
+
+    batcher.start()
+    try:
+        first, second = asyncio.run(ask()), asyncio.run(ask())
+    finally:
+        batcher.stop()
+    assert first[0] == "error" and str(first[1]) == "a bug" and second[0] == "done"
+
+
+def test_unreadable_names_are_not_found(adapters):
+    make_adapter(adapters / "looped")
+    (adapters / "looped" / "adapter_config.json").unlink()
+    (adapters / "looped" / "adapter_config.json").symlink_to(adapters / "looped" / "adapter_config.json")
+    registry = AdapterRegistry(FakeBank(), adapters, 2)
+    for name in ["looped", "n" * 300]:  # a symlink loop; a name too long for the file system
+        with pytest.raises(UnknownAdapter, match="not found"):
+            registry.folder(name)
+    assert registry.names() == ["a", "b", "c"]

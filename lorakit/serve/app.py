@@ -5,6 +5,8 @@ name of an adapter folder. Every error is a 4xx/5xx with OpenAI's {"error": {...
 """
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
 import time
 from contextlib import asynccontextmanager
@@ -15,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .batcher import Batcher, Job, ShuttingDown
+from .batcher import Batcher, InvalidRequest, Job, ShuttingDown
 from .generate import GenerationRequest
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, Reply
 from .registry import AdapterLoadError, UnknownAdapter
@@ -31,6 +33,8 @@ class Service:
     vocab_size: int
     max_tokens_limit: int = 1024
     max_body_bytes: int = 1 << 20
+    body_timeout_s: float = 30.0
+    allowed_hosts: frozenset[str] = frozenset()  # Host names accepted besides localhost's (see TrustedHosts)
 
     def adapter_for(self, model: str) -> str | None:
         """The adapter a request's `model` names (None: the base model), or a 404."""
@@ -39,7 +43,7 @@ class Service:
         try:
             self.batcher.registry.folder(model)
         except UnknownAdapter as err:
-            raise APIError(404, str(err), param="model", code="model_not_found") from None
+            raise model_not_found(err) from None
         return model
 
 
@@ -51,7 +55,8 @@ def create_app(service: Service) -> FastAPI:
         service.batcher.stop()
 
     app = FastAPI(title="lorakit serve", lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=service.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=service.max_body_bytes, timeout_s=service.body_timeout_s)
+    app.add_middleware(TrustedHosts, allowed=service.allowed_hosts)  # added last: runs first
     started = int(time.time())
 
     @app.exception_handler(APIError)
@@ -73,9 +78,9 @@ def create_app(service: Service) -> FastAPI:
                                                   f"{err.detail}"))
 
     @app.exception_handler(Exception)
-    async def _crash(request: Request, err: Exception):
-        return await _api_error(request, APIError(500, f"internal server error: {type(err).__name__}: {err}",
-                                                  type="server_error"))
+    async def _crash(request: Request, err: Exception):  # uvicorn logs the traceback; the client gets no details
+        return await _api_error(request, APIError(500, f"internal server error ({type(err).__name__}); "
+                                                  "the server's log has the details", type="server_error"))
 
     @app.get("/health")
     async def health():
@@ -182,15 +187,23 @@ def sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
+def model_not_found(err: UnknownAdapter) -> APIError:
+    return APIError(404, f"{err}; GET /v1/models lists the models this server has", param="model",
+                    code="model_not_found")
+
+
 def as_api_error(err: Exception) -> APIError:
-    """What a failure in the worker thread looks like to the client."""
+    """What a failure in the worker thread looks like to the client (a bug's details stay in the log)."""
     if isinstance(err, UnknownAdapter):
-        return APIError(404, str(err), param="model", code="model_not_found")
+        return model_not_found(err)
     if isinstance(err, AdapterLoadError):
         return APIError(400, str(err), param="model", code="adapter_load_failed")
+    if isinstance(err, InvalidRequest):
+        return APIError(400, str(err))
     if isinstance(err, ShuttingDown):
         return APIError(503, str(err), type="server_error", code="shutting_down")
-    return APIError(500, f"generation failed: {type(err).__name__}: {err}", type="server_error")
+    return APIError(500, f"generation failed ({type(err).__name__}); the server's log has the details",
+                    type="server_error")
 
 
 def validation_error(err: RequestValidationError) -> APIError:
@@ -206,24 +219,68 @@ def validation_error(err: RequestValidationError) -> APIError:
     return APIError(400, f"{'.'.join(loc)}: {message}", param=loc[0])
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over max_bytes gets a 413 and is never held in memory."""
+LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+ALL_ADDRESSES = frozenset({"0.0.0.0", "::"})
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+
+class TrustedHosts:
+    """ASGI middleware against DNS rebinding (a web page whose domain is made to resolve to this
+    server's address): the Host header must be localhost, a name in `allowed` (the --host address
+    and --allowed_hosts; "*" allows any), or any IP address when the server listens on all of them.
+    Other hosts get a 400."""
+
+    def __init__(self, app, allowed: frozenset[str]):
+        self.app = app
+        self.allowed = LOCAL_NAMES | {name.strip().lower().strip("[]").rstrip(".") for name in allowed}
+
+    def accepts(self, name: str) -> bool:
+        return "*" in self.allowed or name in self.allowed or (bool(self.allowed & ALL_ADDRESSES) and is_ip(name))
+
+    async def __call__(self, scope, receive, send):
+        host = dict(scope.get("headers", [])).get(b"host")
+        name = None if host is None else host_name(host.decode("latin-1"))
+        if scope["type"] != "http" or name is None or self.accepts(name):  # no Host: no browser sent it
+            return await self.app(scope, receive, send)
+        error = APIError(400, f"Host {name!r} is not a name of this server (a guard against DNS rebinding); "
+                              f"to accept it, start the server with --allowed_hosts {name}", code="host_not_allowed")
+        await JSONResponse(error.body(), status_code=400)(scope, receive, send)
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header: no port, no IPv6 brackets, lower case, no trailing dot."""
+    host = host.strip().lower()
+    return (host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]).rstrip(".")
+
+
+def is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over max_bytes gets a 413 and is never held in memory; one
+    that has not fully arrived timeout_s after the headers gets a 408, and the connection is closed."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            size += len(message.get("body", b""))
-            if size <= self.max_bytes:
-                chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                read = await self._read(receive)
+        except TimeoutError:
+            error = APIError(408, f"the request body did not arrive within {self.timeout_s:g} s (--body_timeout_s)",
+                             code="request_timeout")
+            return await JSONResponse(error.body(), status_code=408, headers={"Connection": "close"})(
+                scope, receive, send)
+        if read is None:
+            return  # the client went away
+        chunks, size = read
         if size > self.max_bytes:  # read to the end (and dropped) so the client sees the answer
             error = APIError(413, f"the request body is {size} bytes; this server accepts at most "
                                   f"{self.max_bytes} (--max_body_bytes)", code="request_too_large")
@@ -238,3 +295,16 @@ class BodyLimit:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+    async def _read(self, receive) -> tuple[list[bytes], int] | None:
+        """The body's chunks (none past max_bytes) and its size; None if the client went away."""
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            size += len(message.get("body", b""))
+            if size <= self.max_bytes:
+                chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        return chunks, size

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, read_adapter_file
-from ..config import LoraConfig
-from ..inject import pattern_value, replace_module
+from ..config import CONFIG_NAME, LoraConfig
+from ..inject import DEFAULT_TARGET_MODULES, layer_index_ok, name_matches, pattern_value, replace_module
 from ..layers import WrapsBase, is_conv1d
 
 _KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)")
@@ -209,7 +209,29 @@ def read_adapter(folder: str | os.PathLike, model: nn.Module) -> dict[str, _Modu
         parts.setdefault(match["path"], {})[match["kind"].split(".")[0]] = tensor
     if not parts:
         raise ValueError(f"{folder}: {WEIGHTS_NAME} holds no LoRA weights")
-    return {path: _module_adapter(folder, config, model, path, found) for path, found in parts.items()}
+    modules = {path: _module_adapter(folder, config, model, path, found) for path, found in parts.items()}
+    _check_targets(folder, config, model, sorted(parts))
+    return modules
+
+
+def _check_targets(folder: str, config: LoraConfig, model: nn.Module, paths: list[str]) -> None:
+    """Refuse, as PeftModel does, target_modules that match no module of the model, and weights for
+    modules that adapter_config.json does not target."""
+    targets = config.target_modules
+    if targets is None:
+        targets = DEFAULT_TARGET_MODULES.get(getattr(model.config, "model_type", None), [])
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        return  # every Linear and Conv1D: _module_adapter checks the layer types
+    if not any(name_matches(name, targets) for name, _ in model.named_modules() if name):
+        raise ValueError(f"{folder}: target_modules={targets!r} in {CONFIG_NAME} match no module of "
+                         f"{type(model).__name__}; PeftModel refuses this adapter too")
+    excluded = config.exclude_modules
+    stray = [p for p in paths if not name_matches(p, targets) or not layer_index_ok(p, config)
+             or (excluded and name_matches(p, excluded))]
+    if stray:
+        raise ValueError(f"{folder}: {WEIGHTS_NAME} has weights for {stray[0]}, which target_modules={targets!r} "
+                         f"in {CONFIG_NAME} does not target ({len(stray)} such modules); PeftModel refuses "
+                         "this adapter too")
 
 
 def _module_adapter(folder: str, config: LoraConfig, model: nn.Module, path: str,

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .generate import GenerationRequest, generate_batch
+from .generate import GenerationRequest, check_request, generate_batch
 from .registry import AdapterRegistry
 
 log = logging.getLogger("lorakit.serve")
@@ -37,6 +37,10 @@ class Job:
 
 class ShuttingDown(RuntimeError):
     """The server stopped before this request ran."""
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be generated (a bad seed, prompt, length, ...): it fails alone, not its batch."""
 
 
 class Batcher:
@@ -66,7 +70,12 @@ class Batcher:
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
-            self._run_batch(batch)
+            try:
+                self._run_batch(batch)
+            except Exception as err:  # a failed batch fails its requests; the worker goes on serving
+                log.exception("generation failed for a batch of %d requests", len(batch))
+                for job in batch:
+                    job.emit("error", err)
         for job in [*self._held, *iter_queue(self._queue)]:
             job.emit("error", ShuttingDown("the server is shutting down"))
 
@@ -99,6 +108,7 @@ class Batcher:
         return batch
 
     def _run_batch(self, jobs: list[Job]) -> None:
+        jobs = [j for j in jobs if self._valid(j)]
         failures = self.registry.prepare({j.request.adapter for j in jobs if j.request.adapter is not None})
         for job in jobs:
             if job.request.adapter in failures:
@@ -111,15 +121,18 @@ class Batcher:
             if jobs[row].stream:
                 jobs[row].emit("text", delta)
 
-        try:
-            results = generate_batch(self.registry.bank, self.tokenizer, [j.request for j in jobs], on_text)
-        except Exception as err:  # a failed batch fails its requests; the server keeps serving
-            log.exception("generation failed for a batch of %d requests", len(jobs))
-            for job in jobs:
-                job.emit("error", err)
-            return
+        results = generate_batch(self.registry.bank, self.tokenizer, [j.request for j in jobs], on_text)
         for job, result in zip(jobs, results):
             job.emit("done", result)
+
+    def _valid(self, job: Job) -> bool:
+        """Whether the job's request can be generated; if not, it fails alone (not its whole batch)."""
+        try:
+            check_request(job.request, self.registry.bank.model)
+        except ValueError as err:
+            job.emit("error", InvalidRequest(str(err)))
+            return False
+        return True
 
 
 def iter_queue(q: queue.Queue):

@@ -15,6 +15,8 @@ from transformers import DynamicCache
 
 from .bank import AdapterBank
 
+SEEDS = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes (negative seeds wrap around)
+
 
 @dataclass
 class GenerationRequest:
@@ -61,7 +63,7 @@ class _Row:
         elif len(self.token_ids) >= self.request.max_new_tokens:
             self.finish_reason, end = "length", len(text)
         else:
-            end = _releasable(text, self.request.stop)
+            end = _releasable(text, len(self.sent), self.request.stop)
         delta = text[len(self.sent):end]
         self.sent += delta
         return delta
@@ -70,30 +72,35 @@ class _Row:
         return GenerationResult(self.token_ids, self.sent, self.finish_reason, len(self.request.prompt_ids))
 
 
-def _releasable(text: str, stops: list[str]) -> int:
+def _releasable(text: str, sent: int, stops: list[str]) -> int:
     """How much of `text` is final: not a partial UTF-8 character (decoded as U+FFFD) at the end,
-    and not an ending that could still grow into a stop string."""
+    and not an ending that could still grow into a stop string. Only the text after the first
+    `sent` characters (released already) is looked at, so the work per token stays small."""
     end = len(text.rstrip("\ufffd"))
-    held = max((k for s in stops for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
-    return end - held
+    starts = (next((i for i in range(max(sent, end - len(s) + 1), end) if s.startswith(text[i:end])), end)
+              for s in stops)
+    return min(starts, default=end)
 
 
-def _check(requests: list[GenerationRequest], vocab_size: int, max_positions: int | None) -> None:
-    for i, r in enumerate(requests):
-        where = f"request {i}"
-        if not r.prompt_ids:
-            raise ValueError(f"{where}: prompt_ids is empty; give at least one token")
-        if not all(0 <= t < vocab_size for t in r.prompt_ids):
-            raise ValueError(f"{where}: prompt_ids must be token ids in [0, {vocab_size})")
-        if r.max_new_tokens < 1:
-            raise ValueError(f"{where}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
-        if r.temperature < 0:
-            raise ValueError(f"{where}: temperature must be >= 0 (0 is greedy), got {r.temperature}")
-        if not 0 < r.top_p <= 1:
-            raise ValueError(f"{where}: top_p must be in (0, 1], got {r.top_p}")
-        if max_positions and len(r.prompt_ids) + r.max_new_tokens > max_positions:
-            raise ValueError(f"{where}: {len(r.prompt_ids)} prompt tokens + max_new_tokens={r.max_new_tokens} "
-                             f"exceed the model's {max_positions} positions")
+def check_request(r: GenerationRequest, model) -> None:
+    """ValueError naming the field if `model` cannot generate request `r`."""
+    vocab_size = model.get_input_embeddings().num_embeddings
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if not r.prompt_ids:
+        raise ValueError("prompt_ids is empty; give at least one token")
+    if not all(0 <= t < vocab_size for t in r.prompt_ids):
+        raise ValueError(f"prompt_ids must be token ids in [0, {vocab_size})")
+    if r.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
+    if r.temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {r.temperature}")
+    if not 0 < r.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {r.top_p}")
+    if r.seed is not None and not SEEDS[0] <= r.seed <= SEEDS[1]:
+        raise ValueError(f"seed must be an integer from {SEEDS[0]} to {SEEDS[1]} (64 bits), got {r.seed}")
+    if max_positions and len(r.prompt_ids) + r.max_new_tokens > max_positions:
+        raise ValueError(f"{len(r.prompt_ids)} prompt tokens + max_new_tokens={r.max_new_tokens} "
+                         f"exceed the model's {max_positions} positions")
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -112,7 +119,9 @@ def _next_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
     if sampled:
         temperature = torch.tensor([rows[i].request.temperature for i in sampled], device=logits.device)
         top_p = torch.tensor([rows[i].request.top_p for i in sampled], device=logits.device)
-        probs = torch.softmax(logits[sampled].float() / temperature[:, None], dim=-1)
+        chosen = logits[sampled].float()
+        chosen = chosen - chosen.amax(-1, keepdim=True)  # <= 0, so a tiny temperature gives -inf, never NaN
+        probs = torch.softmax(chosen / temperature.clamp(min=torch.finfo(torch.float32).tiny)[:, None], dim=-1)
         probs, order = probs.sort(dim=-1, descending=True)
         probs[probs.cumsum(-1) - probs >= top_p[:, None]] = 0  # the smallest top set holding top_p of the mass
         cdf = probs.cumsum(-1)
@@ -129,7 +138,11 @@ def generate_batch(bank: AdapterBank, tokenizer, requests: list[GenerationReques
     request i's text as it becomes final: the deltas of a request concatenate to its result.text."""
     model = bank.model
     config = model.config
-    _check(requests, model.get_input_embeddings().num_embeddings, getattr(config, "max_position_embeddings", None))
+    for i, request in enumerate(requests):
+        try:
+            check_request(request, model)
+        except ValueError as err:
+            raise ValueError(f"request {i}: {err}") from None
     eos_ids = _eos_ids(model, tokenizer)
     rows = [_Row(i, r, tokenizer, eos_ids) for i, r in enumerate(requests)]
     if not rows:

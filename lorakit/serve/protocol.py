@@ -9,8 +9,10 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data.encode import render_chat
+from .generate import SEEDS
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_STOP_CHARS = 1000  # per stop sequence (OpenAI sets none; this bounds the work per generated token)
 
 
 class APIError(Exception):
@@ -23,6 +25,16 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def unicode_text(text):
+    """Text as tokenizers take it: JSON can escape lone surrogates (\\ud800), which are no Unicode text."""
+    if isinstance(text, str) and not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode, without lone surrogates (\\ud800 to \\udfff)") from None
+    return text
 
 
 class StreamOptions(BaseModel):
@@ -56,7 +68,16 @@ class RequestBase(BaseModel):
         stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
             raise ValueError(f"stop must be a non-empty string or a list of at most {MAX_STOP} of them")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return stop
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, seed):
+        if seed is not None and not SEEDS[0] <= seed <= SEEDS[1]:
+            raise ValueError(f"seed must be an integer from {SEEDS[0]} to {SEEDS[1]} (64 bits)")
+        return seed
 
     def check_supported(self) -> None:
         """Refuse, by name, the OpenAI fields this server does not implement."""
@@ -74,11 +95,10 @@ class RequestBase(BaseModel):
 class CompletionRequest(RequestBase):
     PROMPT_FIELD: ClassVar[str] = "prompt"
     prompt: str | list[int]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
 
     @property
-    def max_new_tokens(self) -> int | None:
-        return self.max_tokens
+    def max_new_tokens(self) -> int:
+        return 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default, also for null
 
     def prompt_ids(self, tokenizer) -> list[int]:
         """Token ids as given, or the text tokenized as the model's tokenizer does (special tokens added)."""
@@ -94,6 +114,8 @@ class CompletionRequest(RequestBase):
             return prompt
         raise ValueError("prompt must be a string, a list of one string, or a list of token ids; "
                          "send several prompts as several requests")
+
+    _prompt_unicode = field_validator("prompt")(unicode_text)
 
 
 class ChatMessage(BaseModel):
@@ -111,6 +133,8 @@ class ChatMessage(BaseModel):
             raise ValueError("content must be a string or a list of {'type': 'text', 'text': ...} parts; "
                              "images, audio and files are not supported")
         return "\n".join(p["text"] for p in content)
+
+    _content_unicode = field_validator("content")(unicode_text)
 
     def for_template(self) -> dict:
         """The message as chat templates take it ("developer" is OpenAI's new name for "system")."""

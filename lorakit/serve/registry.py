@@ -3,15 +3,21 @@
 A name is a folder name under the adapters directory, nothing else: no path separators, no `..`,
 no symlink that leads out of the directory, and only safetensors weights. Adapters load into the
 AdapterBank on first use; past `max_loaded` the least recently used one not needed now is unloaded.
+Messages name adapters by folder name, never by their path on the server.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
 
+from safetensors import safe_open
+
 from ..checkpoint import WEIGHTS_NAME
-from ..config import CONFIG_NAME
+from ..config import CONFIG_NAME, LoraConfig
+
+log = logging.getLogger("lorakit.serve")
 
 
 class UnknownAdapter(LookupError):
@@ -34,12 +40,21 @@ class AdapterRegistry:
         self.bank = bank
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, tuple] = OrderedDict()  # name -> file stamps, oldest use first
+        self._checked: dict[str, tuple] = {}  # name -> (file stamps, what check() found wrong or None)
+        self._skipped: dict[str, str] = {}  # folder -> why names() left it out (logged when it changes)
 
     def folder(self, name: str) -> Path:
         """The folder of adapter `name`, or UnknownAdapter saying why it is not servable."""
         if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
             raise UnknownAdapter(f"model {name!r} not found: adapter names are plain folder names "
                                  "(no '/', '\\' or '..')")
+        try:
+            return self._folder(name)
+        except (OSError, RuntimeError):  # a name too long for the file system, a symlink loop, ...
+            raise UnknownAdapter(f"model {name!r} not found") from None
+
+    def _folder(self, name: str) -> Path:
+        """folder() past the name's form: the folder, its files, and where they lead."""
         folder = self.root / name
         if not folder.is_dir():
             raise UnknownAdapter(f"model {name!r} not found")
@@ -53,14 +68,48 @@ class AdapterRegistry:
                                  f"{WEIGHTS_NAME} (only safetensors weights are served)")
         return folder
 
+    def check(self, name: str) -> Path:
+        """The folder of adapter `name` if its files pass cheap checks (again whenever they change):
+        UnknownAdapter, or ValueError saying what is wrong."""
+        folder = self.folder(name)
+        stamp = _stamp(folder)
+        if self._checked.get(name, (None,))[0] != stamp:
+            self._checked[name] = (stamp, self._problem(folder))
+        if self._checked[name][1]:
+            raise ValueError(self._checked[name][1])
+        return folder
+
+    def _problem(self, folder: Path) -> str | None:
+        """What makes this adapter unloadable, found without reading its weights; None if nothing."""
+        try:
+            LoraConfig.from_pretrained(folder)
+        except Exception as err:  # a config that does not parse or holds bad fields
+            return self.relative(str(err))
+        try:
+            with safe_open(folder / WEIGHTS_NAME, "pt") as f:
+                dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+        except Exception as err:  # safetensors raises its own error type
+            return f"{WEIGHTS_NAME} cannot be read as safetensors ({self.relative(str(err))})"
+        bad = next((key for key, dtype in dtypes.items() if not dtype.startswith(("F", "BF"))), None)
+        return None if bad is None else f"{WEIGHTS_NAME}: tensor {bad!r} is {dtypes[bad]}, not floating point"
+
+    def relative(self, message: str) -> str:
+        """`message` with the adapters folder's path cut out: answers show no server paths."""
+        return message.replace(f"{self.root}{os.sep}", "").replace(str(self.root), ".")
+
     def names(self) -> list[str]:
-        """The servable adapter names, read from disk now (new folders appear without a restart)."""
+        """The adapters that pass check(), read from disk now (new folders appear without a restart).
+        A folder left out is logged with the reason, once (again if the reason changes)."""
         found = []
         for entry in sorted(os.listdir(self.root)):
             try:
-                self.folder(entry)
-            except UnknownAdapter:
+                self.check(entry)
+            except (UnknownAdapter, ValueError, OSError) as err:
+                if self._skipped.get(entry) != str(err) and (self.root / entry).is_dir():
+                    log.warning("not serving adapter folder %r: %s", entry, err)
+                self._skipped[entry] = str(err)
                 continue
+            self._skipped.pop(entry, None)
             found.append(entry)
         return found
 
@@ -80,11 +129,11 @@ class AdapterRegistry:
             except UnknownAdapter as err:
                 failures[name] = err
             except Exception as err:  # a broken adapter must fail its requests, not the server
-                failures[name] = AdapterLoadError(f"adapter {name!r} could not be loaded: {err}")
+                failures[name] = AdapterLoadError(f"adapter {name!r} could not be loaded: {self.relative(str(err))}")
         return failures
 
     def _ensure(self, name: str, keep: set[str]) -> None:
-        folder = self.folder(name)
+        folder = self.check(name)
         stamp = _stamp(folder)
         if self._loaded.get(name) == stamp:
             self._loaded.move_to_end(name)

@@ -19,6 +19,9 @@ class ServeArgs:
         "Folders added later are served without a restart.")})
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (there is no authentication)."})
     port: int = 8000
+    allowed_hosts: list[str] = field(default_factory=list, metadata={"help": (
+        "Host header names accepted besides localhost and --host (a guard against DNS rebinding), "
+        "e.g. the name a proxy forwards; '*' accepts any.")})
     served_model_name: Optional[str] = field(default=None, metadata={"help": (
         "The name clients use for the base model without an adapter; default: the last part of --model.")})
     max_loaded_adapters: int = field(default=8, metadata={"help": (
@@ -28,6 +31,8 @@ class ServeArgs:
         "How long the first request of a batch waits for others to join it.")})
     max_tokens_limit: int = field(default=1024, metadata={"help": "Largest max_tokens a request may ask for."})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body accepted (413 above)."})
+    body_timeout_s: float = field(default=30.0, metadata={"help": (
+        "Seconds a client has to send its whole request body (408 after).")})
     log_level: str = field(default="info", metadata={"help": "uvicorn's log level."})
 
     def __post_init__(self) -> None:
@@ -36,6 +41,8 @@ class ServeArgs:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_window_ms < 0:
             raise ValueError(f"--batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        if self.body_timeout_s <= 0:
+            raise ValueError(f"--body_timeout_s must be > 0, got {self.body_timeout_s}")
         if not Path(self.adapters).is_dir():
             raise FileNotFoundError(f"--adapters folder not found: {self.adapters}")
 
@@ -69,7 +76,8 @@ def build_service(args: ServeArgs):
         tokenizer=tokenizer, base_name=args.served_model_name or Path(args.model.rstrip("/")).name,
         context_length=context or tokenizer.model_max_length,
         vocab_size=model.get_input_embeddings().num_embeddings,
-        max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
+        max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout_s, allowed_hosts=frozenset([args.host, *args.allowed_hosts]))
 
 
 def run_server(args: ServeArgs) -> None:
