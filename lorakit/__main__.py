@@ -1,4 +1,4 @@
 """`python -m lorakit ...` (what torchrun runs: `torchrun --nproc_per_node N -m lorakit train ...`)."""
-from .cli import main
+from lorakit.cli import main
 
 raise SystemExit(main())

@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import ARCHS, build_model, model_inputs, model_output
 from lorakit import LoraConfig, PeftModel, get_peft_model
-from lorakit.layers import LoraLayer, ModulesToSave, WrapsBase
+from lorakit.lora.layers import LoraLayer, ModulesToSave, WrapsBase
 
 ATOL = 1e-5
 # Linear (Conv1D for GPT-2) targets of each architecture; qwen2's q/k/v carry a bias.

@@ -98,7 +98,7 @@ def test_lorakit_train_on_cuda_uses_bf16_and_writes_a_peft_adapter(tiny_lm_dir, 
 def test_compiled_gpu_dequantize_matches_the_cpu_path():
     from torch import nn
 
-    from lorakit.quantized import NF4Linear
+    from lorakit.quant.linear4bit import NF4Linear
 
     layer = NF4Linear.from_linear(nn.Linear(1000, 300))  # 300000 values: blocks and a short tail
     on_cpu = layer.dequantize()

@@ -5,13 +5,14 @@ import pytest
 from conftest import write_jsonl
 
 from lorakit.data import check_labels, label_set, load_examples, split_holdout
-from lorakit.data.encode import IGNORE_INDEX, collate, encode_examples, fallback_template, render_chat
+from lorakit.memory.loss import IGNORE_INDEX
+from lorakit.data.encode import collate, encode_examples, fallback_template, render_chat
 from lorakit.data.formats import Conversation, Labelled, PlainText
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_lm_dir):
-    from lorakit.train.model import load_tokenizer
+    from lorakit.io.pretrained import load_tokenizer
 
     return load_tokenizer(tiny_lm_dir)
 
@@ -72,7 +73,7 @@ def test_fallback_template_is_the_documented_one():
 
 
 def test_chat_template_renders_and_masks_every_assistant_turn(tiny_lm_dir):
-    from lorakit.train.model import load_tokenizer
+    from lorakit.io.pretrained import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_lm_dir)
     tokenizer.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"

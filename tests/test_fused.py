@@ -1,9 +1,9 @@
-"""lorakit.fused: the LoRA autograd function against plain autograd, and its dropout masks."""
+"""lorakit.lora.delta: the LoRA autograd function against plain autograd, and its dropout masks."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.fused import LoraMatmul, dora_scale, keep_mask, lora_delta
+from lorakit.lora.delta import LoraMatmul, dora_scale, keep_mask, lora_delta
 
 
 def reference(x, A, B, scale, mask):

@@ -10,7 +10,7 @@ from conftest import write_jsonl
 
 from lorakit.cli import main
 from lorakit.data.encode import render_chat
-from lorakit.infer import InferArgs, load_for_inference, run_infer
+from lorakit.cli.infer import InferArgs, load_for_inference, run_infer
 from lorakit.train import loop
 from lorakit.train.args import parse_train_args
 
@@ -111,7 +111,7 @@ def test_invalid_json_in_the_adapter_folder_names_the_file(sft_adapter, tmp_path
 def test_the_training_system_prompt_is_used(sft_adapter, tmp_path, monkeypatch):
     import shutil
 
-    from lorakit import infer
+    from lorakit.cli import infer
 
     folder = tmp_path / "adapter"
     shutil.copytree(sft_adapter, folder)
@@ -156,7 +156,7 @@ def test_long_rows_are_truncated_to_the_classifier_positions(tmp_path):
 
 
 def test_an_unwritable_output_file_fails_before_loading(tmp_path, monkeypatch, capsys):
-    from lorakit import infer
+    from lorakit.cli import infer
 
     monkeypatch.setattr(infer, "load_for_inference", lambda args: pytest.fail("loaded before checking"))
     target = tmp_path / "missing-folder" / "out.jsonl"

@@ -15,8 +15,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit import LoraConv2d, LoraEmbedding, LoraLinear
-from lorakit.fused import keep_mask
-from lorakit.layers import LoraLayer, lora_layer_class
+from lorakit.lora.delta import keep_mask
+from lorakit.lora.layers import LoraLayer, lora_layer_class
 
 KINDS = ["linear", "conv1d", "embedding", "conv2d"]
 HYPO = settings(max_examples=25, deadline=None, derandomize=True)
@@ -318,7 +318,7 @@ def test_dropout_applies_to_adapter_path_only(kind):
     torch.manual_seed(7)
     if kind == "conv2d":
         dropped = F.dropout(x, 0.5, training=True)
-    else:  # Linear and Conv1D draw their mask in lorakit.fused
+    else:  # Linear and Conv1D draw their mask in lorakit.lora.delta
         dropped = x * keep_mask(x.shape, 0.5, x.device) / 0.5
     assert not torch.equal(dropped, x)
     torch.testing.assert_close(got, ref_base(kind, before, x) + ref_lora(kind, A, B, 2.0, dropped), atol=1e-10,

@@ -1,11 +1,12 @@
-"""lorakit.lean_loss against autograd's cross-entropy and transformers' ForCausalLMLoss."""
+"""lorakit.memory.loss against autograd's cross-entropy and transformers' ForCausalLMLoss."""
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from lorakit import LoraConfig, get_peft_model, lean_loss
-from lorakit.lean_loss import FusedHeadCrossEntropy, LeanCrossEntropy, causal_lm_loss
+from lorakit import LoraConfig, get_peft_model
+from lorakit.memory import loss as lean_loss
+from lorakit.memory.loss import FusedHeadCrossEntropy, LeanCrossEntropy, causal_lm_loss
 
 from conftest import build_model
 

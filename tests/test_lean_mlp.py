@@ -1,4 +1,4 @@
-"""lorakit.lean_mlp: the gated MLP that recomputes its product gives autograd's gradients."""
+"""lorakit.memory.gated_mlp: the gated MLP that recomputes its product gives autograd's gradients."""
 import gc
 import weakref
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit import lean_mlp
-from lorakit.lean_mlp import GatedProduct
+from lorakit.memory import gated_mlp as lean_mlp
+from lorakit.memory.gated_mlp import GatedProduct
 
 from conftest import build_model, lean_train_step
 

@@ -1,4 +1,4 @@
-"""lorakit.lean_norm: blocks whose adapters keep a recipe for the norm output give autograd's results."""
+"""lorakit.memory.norm_outputs: blocks whose adapters keep a recipe for the norm output give autograd's results."""
 import gc
 import weakref
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit import lean_norm
+from lorakit.memory import norm_outputs as lean_norm
 
 from conftest import build_model, lean_train_step, model_inputs
 

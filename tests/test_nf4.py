@@ -1,4 +1,4 @@
-"""lorakit.nf4 against bitsandbytes on CPU: the same bytes, scales and offsets; dequantised bits equal
+"""lorakit.quant.nf4 against bitsandbytes on CPU: the same bytes, scales and offsets; dequantised bits equal
 to the NF4 formula (tests/nf4_reference.py), with bitsandbytes' own dequantisation checked beside it."""
 import json
 import math
@@ -9,7 +9,7 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 import nf4_reference
-from lorakit import nf4
+from lorakit.quant import nf4
 
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional

@@ -8,8 +8,8 @@ from conftest import build_model
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.nf4 import dequantize_nf4
-from lorakit.quantized import NF4Linear, quantize_linears
+from lorakit.quant.nf4 import dequantize_nf4
+from lorakit.quant.linear4bit import NF4Linear, quantize_linears
 
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -39,8 +39,8 @@ def test_nf4_linear_computes_with_the_dequantised_weight():
 
 @pytest.mark.parametrize("shape", [(48, 64), (7, 9), (3, 300)])
 def test_the_whole_weight_gpu_formula_equals_the_chunked_one(shape):
-    from lorakit.nf4 import NF4_CODE, block_absmax, quantize_nf4
-    from lorakit.quantized import dequantize_whole
+    from lorakit.quant.nf4 import NF4_CODE, block_absmax, quantize_nf4
+    from lorakit.quant.linear4bit import dequantize_whole
 
     q = quantize_nf4(torch.randn(shape))
     whole = dequantize_whole(q.data, block_absmax(q), NF4_CODE, q.blocksize, q.numel, torch.float32)
@@ -199,7 +199,7 @@ def check_bitsandbytes_logits(bnb_model: nn.Module, expected: torch.Tensor) -> N
 def test_loads_a_bitsandbytes_4bit_checkpoint_without_bitsandbytes_and_saves_one_back(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.load4bit import load_nf4, save_nf4
+    from lorakit.io.checkpoint4bit import load_nf4, save_nf4
 
     build_model("llama").save_pretrained(str(tmp_path / "dense"))
     reference = _bnb_4bit(tmp_path / "dense")
@@ -225,7 +225,7 @@ def test_quant_state_key_missing_is_named(tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from lorakit.load4bit import load_nf4
+    from lorakit.io.checkpoint4bit import load_nf4
 
     build_model("llama").save_pretrained(str(tmp_path / "dense"))
     _bnb_4bit(tmp_path / "dense").save_pretrained(str(tmp_path / "bnb"))
@@ -244,7 +244,7 @@ def test_4bit_loading_never_imports_bitsandbytes(tmp_path):
     _bnb_4bit(tmp_path / "dense").save_pretrained(str(tmp_path / "bnb"))
     script = ("import sys; sys.modules['bitsandbytes'] = None  # any import of it now fails\n"
               "import torch; from transformers import AutoModelForCausalLM\n"
-              "from lorakit.load4bit import load_nf4\n"
+              "from lorakit.io.checkpoint4bit import load_nf4\n"
               f"model, names = load_nf4(AutoModelForCausalLM, {str(tmp_path / 'bnb')!r}, torch.float32, set())\n"
               "print(len(names), model(torch.tensor([[1, 2, 3]])).logits.isfinite().all().item())\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

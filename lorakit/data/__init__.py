@@ -4,8 +4,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from .formats import FORMATS, Conversation, Example, Labelled, detect_format, to_example
-from .loading import read_rows
+from lorakit.data.formats import FORMATS, Conversation, Example, Labelled, detect_format, to_example
+from lorakit.data.loading import read_rows
 
 __all__ = ["FORMATS", "load_examples", "load_split", "split_holdout", "label_set", "check_labels", "add_system"]
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .formats import Conversation, Example, Labelled, PlainText
+from lorakit.data.formats import Conversation, Example, Labelled, PlainText
+from lorakit.memory.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 GENERATION_PROMPT = "<|assistant|>\n"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .loading import Row
+from lorakit.data.loading import Row
 
 FORMATS = ("alpaca", "messages", "text", "classification")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

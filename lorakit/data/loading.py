@@ -107,7 +107,7 @@ def _read_with_datasets(builder: str, data_files: str) -> list[Row]:
 
 
 def _read_hub(dataset_id: str) -> list[Row]:
-    from ..hub import require_hub
+    from lorakit.io.hub import require_hub
 
     require_hub(f"dataset {dataset_id!r}", "a local .jsonl/.json/.csv/.parquet file")
     import datasets

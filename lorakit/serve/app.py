@@ -17,10 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .batcher import Batcher, InvalidRequest, Job, ShuttingDown
-from .generate import GenerationRequest
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, Reply
-from .registry import AdapterLoadError, UnknownAdapter
+from lorakit.serve.batcher import Batcher, InvalidRequest, Job, ShuttingDown
+from lorakit.serve.generate import GenerationRequest
+from lorakit.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, Reply
+from lorakit.serve.registry import AdapterLoadError, UnknownAdapter
 
 
 @dataclass

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checkpoint import LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, read_adapter_file
-from ..config import CONFIG_NAME, LoraConfig
-from ..inject import DEFAULT_TARGET_MODULES, layer_index_ok, name_matches, pattern_value, replace_module
-from ..layers import WrapsBase, is_conv1d
+from lorakit.model.adapter_files import LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, read_adapter_file
+from lorakit.config import CONFIG_NAME, LoraConfig
+from lorakit.families import family
+from lorakit.model.targeting import layer_index_ok, name_matches, pattern_value
+from lorakit.modules import replace_module
+from lorakit.lora.layers import WrapsBase, is_conv1d
 
 _KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)")
 
@@ -219,7 +221,7 @@ def _check_targets(folder: str, config: LoraConfig, model: nn.Module, paths: lis
     modules that adapter_config.json does not target."""
     targets = config.target_modules
     if targets is None:
-        targets = DEFAULT_TARGET_MODULES.get(getattr(model.config, "model_type", None), [])
+        targets = list(family(model).default_targets)
     if isinstance(targets, str) and targets.lower() == "all-linear":
         return  # every Linear and Conv1D: _module_adapter checks the layer types
     if not any(name_matches(name, targets) for name, _ in model.named_modules() if name):

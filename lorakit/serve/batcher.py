@@ -15,8 +15,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .generate import GenerationRequest, check_request, generate_batch
-from .registry import AdapterRegistry
+from lorakit.serve.generate import GenerationRequest, check_request, generate_batch
+from lorakit.serve.registry import AdapterRegistry
 
 log = logging.getLogger("lorakit.serve")
 

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from .bank import AdapterBank
+from lorakit.serve.bank import AdapterBank
 
 SEEDS = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes (negative seeds wrap around)
 

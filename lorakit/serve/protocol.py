@@ -8,8 +8,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..data.encode import render_chat
-from .generate import SEEDS
+from lorakit.data.encode import render_chat
+from lorakit.serve.generate import SEEDS
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_STOP_CHARS = 1000  # per stop sequence (OpenAI sets none; this bounds the work per generated token)

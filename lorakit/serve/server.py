@@ -57,11 +57,11 @@ def parse_serve_args(argv: list[str]) -> ServeArgs:
 
 def build_service(args: ServeArgs):
     """The Service behind the app: base model on the best device, tokenizer, adapter bank and batcher."""
-    from ..train.model import load_model, load_tokenizer, resolve_model_path
-    from .app import Service
-    from .bank import AdapterBank
-    from .batcher import Batcher
-    from .registry import AdapterRegistry
+    from lorakit.io.pretrained import load_model, load_tokenizer, resolve_model_path
+    from lorakit.serve.app import Service
+    from lorakit.serve.bank import AdapterBank
+    from lorakit.serve.batcher import Batcher
+    from lorakit.serve.registry import AdapterRegistry
 
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
@@ -83,7 +83,7 @@ def build_service(args: ServeArgs):
 def run_server(args: ServeArgs) -> None:
     import uvicorn
 
-    from .app import create_app
+    from lorakit.serve.app import create_app
 
     service = build_service(args)
     print(f"lorakit serve: base model {service.base_name!r}, adapters from {args.adapters}, "

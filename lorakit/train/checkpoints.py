@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..peft_api import PeftModel
+from lorakit.model.peft_model import PeftModel
 
 PREFIX = "checkpoint-"
 RUN_FILE = "run.json"

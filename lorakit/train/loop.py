@@ -21,14 +21,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import data as datasets_
-from ..data.encode import IGNORE_INDEX, EncodeReport, Encoded, collate, encode_examples, loss_units
-from . import checkpoints, distributed
-from .args import TrainArgs
-from .loss import batch_loss_sum
-from .metrics import METRICS_FILE, MetricsLog, plot_loss_curve
-from .model import (load_config, load_model, load_tokenizer, position_limit, prepare_model, resolve_model_path,
-                    save_trained)
+from lorakit import data as datasets_
+from lorakit.memory.loss import IGNORE_INDEX
+from lorakit.data.encode import EncodeReport, Encoded, collate, encode_examples, loss_units
+from lorakit.train import checkpoints, distributed
+from lorakit.train.args import TrainArgs
+from lorakit.train.loss import batch_loss_sum
+from lorakit.train.metrics import METRICS_FILE, MetricsLog, plot_loss_curve
+from lorakit.io.pretrained import load_config, load_model, load_tokenizer, position_limit, resolve_model_path
+from lorakit.train.model import prepare_model, save_trained
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,7 +1,7 @@
 """The summed training loss of a collated batch.
 
 Causal LMs whose logits are exactly `lm_head(decoder(...))` get the output head and the
-cross-entropy only at the positions that carry a label, in chunks (lorakit.lean_loss), so the
+cross-entropy only at the positions that carry a label, in chunks (lorakit.memory.loss), so the
 [tokens x vocab] logits never exist. Other models (classifiers, heads with a bias, models that
 scale or cap their logits) take the plain path through the full logits.
 """
@@ -11,11 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.encode import IGNORE_INDEX
-from ..lean_loss import FusedHeadCrossEntropy
+from lorakit.families import family
+from lorakit.memory.loss import IGNORE_INDEX, FusedHeadCrossEntropy
 
-# model_type values whose causal-LM logits are lm_head(decoder(...).last_hidden_state), nothing more
-PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "olmo2", "starcoder2"}
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -27,9 +25,9 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
-    """(decoder, lm_head) of a causal LM in PLAIN_HEAD_MODEL_TYPES with a bias-free Linear head."""
+    """(decoder, lm_head) of a causal LM whose family has a plain head, with a bias-free Linear head."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(getattr(hf, "config", None), "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+    if not family(hf).plain_head:
         return None
     if not hasattr(hf, "get_decoder"):
         return None

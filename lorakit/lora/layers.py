@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import dora_scale, lora_delta
-from .quantized import NF4Linear
+from lorakit.lora.delta import dora_scale, lora_delta
+from lorakit.quant.linear4bit import NF4Linear
 
 
 class WrapsBase(nn.Module):

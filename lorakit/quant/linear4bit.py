@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nf4 import NF4_CODE, NF4Weight, block_absmax, dequantize_nf4, quantize_nf4
+from lorakit.quant.nf4 import NF4_CODE, NF4Weight, block_absmax, dequantize_nf4, quantize_nf4
 
 _STATE = ("absmax", "nested_absmax", "nested_code")  # tensors of NF4Weight besides the packed data
 
@@ -107,7 +107,7 @@ def quantize_linears(model: nn.Module, skip: set[str] = frozenset(), blocksize: 
                      double_quant: bool = True) -> list[str]:
     """Replace every nn.Linear not named in `skip` (full names or last parts) by an NF4Linear, one
     at a time; returns the names replaced."""
-    from .inject import replace_module
+    from lorakit.modules import replace_module
 
     replaced = []
     for name, module in list(model.named_modules()):

@@ -17,9 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CONFIG_NAME
-from .inject import LoraModel, is_adapter_internal, is_bias
-from .layers import LoraLayer, ModulesToSave
+from lorakit.config import CONFIG_NAME
+from lorakit.model.lora_model import LoraModel
+from lorakit.model.targeting import is_adapter_internal, is_bias
+from lorakit.lora.layers import LoraLayer, ModulesToSave
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_NAME = "README.md"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fused import compute_dtype
+from lorakit.lora.delta import compute_dtype
 
 IGNORE_INDEX = -100
 _CHUNK_ELEMENTS = 1 << 24  # logits per chunk at most: 64 MB in fp32

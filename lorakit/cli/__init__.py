@@ -28,8 +28,8 @@ def require_extra(verb: str) -> None:
 
 
 def _train(argv: list[str]) -> int:
-    from .train.args import parse_train_args
-    from .train.loop import TrainingDiverged, train
+    from lorakit.train.args import parse_train_args
+    from lorakit.train.loop import TrainingDiverged, train
 
     args = parse_train_args(argv)
     try:
@@ -41,14 +41,14 @@ def _train(argv: list[str]) -> int:
 
 
 def _infer(argv: list[str]) -> int:
-    from .infer import parse_infer_args, run_infer
+    from lorakit.cli.infer import parse_infer_args, run_infer
 
     run_infer(parse_infer_args(argv))
     return 0
 
 
 def _serve(argv: list[str]) -> int:
-    from .serve.server import parse_serve_args, run_server
+    from lorakit.serve.server import parse_serve_args, run_server
 
     run_server(parse_serve_args(argv))
     return 0

@@ -11,10 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .recompute import patch_forward, patched_with, same_tensor, saved_as_recipes
-
-# transformers MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
-GATED_MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP"}
+from lorakit.families import GATED_MLP_CLASSES
+from lorakit.memory.recipes import patch_forward, patched_with, same_tensor, saved_as_recipes
 
 
 class GatedProduct(torch.autograd.Function):

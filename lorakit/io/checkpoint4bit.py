@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .inject import replace_module
-from .nf4 import from_state_dict, quantize_nf4, to_state_dict
-from .quantized import NF4Linear
+from lorakit.families import SEQ_CLS_HEADS
+from lorakit.modules import replace_module
+from lorakit.quant.nf4 import from_state_dict, quantize_nf4, to_state_dict
+from lorakit.quant.linear4bit import NF4Linear
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -119,8 +120,7 @@ def _initialise_missing(model: nn.Module) -> None:
     if not still_meta:
         return
     owners = {n.rpartition(".")[0] for n in still_meta}
-    heads = {"classifier", "score"}
-    if not all(o.split(".")[0] in heads for o in owners):
+    if not all(o.split(".")[0] in SEQ_CLS_HEADS for o in owners):
         raise ValueError(f"the checkpoint lacks {sorted(still_meta)[:5]} (of {len(still_meta)} missing); "
                          "cannot load it in 4-bit")
     for owner in owners:

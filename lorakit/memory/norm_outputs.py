@@ -12,12 +12,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from .layers import LoraLayer
-from .recompute import patch_forward, patched_with, same_tensor, saved_as_recipes
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+from lorakit.families import is_norm
+from lorakit.lora.layers import LoraLayer
+from lorakit.memory.recipes import patch_forward, patched_with, same_tensor, saved_as_recipes
 
 
 class _NormCall:
@@ -64,7 +61,7 @@ def install(model: nn.Module) -> int:
     """Patch every block of `model` that has a norm child and a LoRA layer below it; returns how many."""
     count = 0
     for block in model.modules():
-        norms = [child for child in block.children() if _is_norm(child)]
+        norms = [child for child in block.children() if is_norm(child)]
         patched = "_lorakit_norm_hooks" in block.__dict__
         if not norms or patched or not any(isinstance(m, LoraLayer) for m in block.modules()):
             continue

@@ -9,8 +9,8 @@ from typing import Optional
 
 import torch
 
-from .data.encode import render_chat
-from .data.loading import read_rows, read_text
+from lorakit.data.encode import render_chat
+from lorakit.data.loading import read_rows, read_text
 
 
 @dataclass
@@ -89,8 +89,8 @@ def trained_system(adapter: Optional[str]) -> Optional[str]:
 
 def load_for_inference(args: InferArgs):
     """(model, tokenizer, labels) from the adapter folder (and its base model)."""
-    from .peft_api import PeftModel
-    from .train.model import load_model, load_tokenizer, resolve_model_path
+    from lorakit.model.peft_model import PeftModel
+    from lorakit.io.pretrained import load_model, load_tokenizer, resolve_model_path
 
     adapter = Path(args.adapter) if args.adapter else None
     if adapter is not None and not adapter.is_dir():
@@ -117,7 +117,7 @@ def load_for_inference(args: InferArgs):
 
 def check_room(model, tokenizer, texts: list[str], args: InferArgs) -> None:
     """Refuse, before generating, a prompt that leaves no room for --max_new_tokens in the model's positions."""
-    from .train.model import position_limit
+    from lorakit.io.pretrained import position_limit
 
     limit = position_limit(model.config)
     if limit is None:
@@ -132,7 +132,7 @@ def check_room(model, tokenizer, texts: list[str], args: InferArgs) -> None:
 
 @torch.no_grad()
 def classify(model, tokenizer, labels: list[str], items: list[dict], batch_size: int) -> list[dict]:
-    from .train.model import position_limit
+    from lorakit.io.pretrained import position_limit
 
     results, limit = [], position_limit(model.config)
     device = next(model.parameters()).device

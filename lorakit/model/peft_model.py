@@ -8,9 +8,10 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from . import checkpoint, lean_loss, lean_mlp, lean_norm, merge
-from .config import CONFIG_NAME, LOAD_ONLY_INITS, LoraConfig
-from .inject import LoraModel
+from lorakit.model import adapter_files as checkpoint, merge
+from lorakit.memory import loss as lean_loss, gated_mlp as lean_mlp, norm_outputs as lean_norm
+from lorakit.config import CONFIG_NAME, LOAD_ONLY_INITS, LoraConfig
+from lorakit.model.lora_model import LoraModel
 
 
 class PeftModel(nn.Module):

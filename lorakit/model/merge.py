@@ -5,7 +5,8 @@ import warnings
 
 from torch import nn
 
-from .inject import LoraModel, replace_module
+from lorakit.model.lora_model import LoraModel
+from lorakit.modules import replace_module
 
 QUANTIZED_MERGES = ("dequantize", "requantize")
 
@@ -57,7 +58,7 @@ def unload(lora_model: LoraModel, merge: bool = False, safe_merge: bool = False,
     for name, layer in list(lora_model.lora_layers()):
         replace_module(model, name, layer.base_layer)
     if requantize:
-        from .quantized import NF4Linear
+        from lorakit.quant.linear4bit import NF4Linear
 
         for name in requantize:
             merged = model.get_submodule(name)
