@@ -21,7 +21,7 @@ import torch
 from qlora_memory import LLAMA_134M, save_llama
 
 import lorakit
-from lorakit.load4bit import load_nf4
+from lorakit.io.checkpoint4bit import load_nf4
 
 
 def load(variant: str, folder: str) -> torch.nn.Module:

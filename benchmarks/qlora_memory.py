@@ -79,7 +79,7 @@ def load(variant: str, folder: str, kind: str):
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     dtype = torch.bfloat16 if "bf16" in variant else torch.float32
     if variant.startswith("nf4"):
-        from lorakit.load4bit import load_nf4
+        from lorakit.io.checkpoint4bit import load_nf4
 
         return load_nf4(auto, folder, dtype, {"classifier", "score"})[0]
     return auto.from_pretrained(folder, dtype=dtype)
@@ -89,7 +89,7 @@ def measure_load(variant: str, folder: str, kind: str) -> dict:
     """In this (fresh) process: memory to load the base model as `variant`."""
     import transformers  # noqa: F401  (imports out of the measurement)
 
-    import lorakit.load4bit  # noqa: F401
+    import lorakit.io.checkpoint4bit  # noqa: F401
 
     with AnonPeak() as anon:
         model = load(variant, folder, kind)

@@ -56,7 +56,7 @@ def peft_dora_dropout():
     """For the A/B of DoRA under dropout: PEFT's formula, b + W x + (m/n - 1) W drop(x) + (m/n) s B A drop(x),
     in place of lorakit's b + (m/n) (W x + s B A drop(x))."""
     import torch.nn.functional as F
-    from lorakit.layers import LoraLinear
+    from lorakit.lora.layers import LoraLinear
 
     def output(self, x, name, base_out):
         A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
@@ -169,7 +169,7 @@ def step_timing(methods: list[str], train_rows: list[dict], args) -> dict:
     for method in methods:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
         if method == "qlora_all":
-            from lorakit.quantized import quantize_linears
+            from lorakit.quant.linear4bit import quantize_linears
 
             quantize_linears(model, skip={"classifier"})
         if "ora" in method:
