@@ -42,18 +42,22 @@ def model_inputs(arch: str, seed: int = 1) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, 96, (2, 9), generator=g)}
 
 
-def lean_train_step(arch: str, plain=None, checkpointing: bool = False, autocast: bool = False, outer_hooks=None):
+def lean_train_step(arch: str, without: str | None = None, checkpointing: bool = False, autocast: bool = False,
+                    outer_hooks=None):
     """(loss, adapter grads) of one seeded training step through lorakit (all-linear LoRA r=4,
-    dropout 0.3), with `plain.uninstall` (a lean_* module) applied first when given."""
+    dropout 0.3), with the memory saver `without` (one of lorakit.memory.SAVERS) taken off first;
+    that saver must have been installed, so a test comparing the two cannot pass vacuously."""
     import lorakit
+    from lorakit import memory
 
     model = build_model(arch).train()
     if checkpointing:
         model.gradient_checkpointing_enable()
     peft_model = lorakit.get_peft_model(model, lorakit.LoraConfig(
         r=4, lora_dropout=0.3, init_lora_weights=False, target_modules="all-linear"))
-    if plain is not None:
-        plain.uninstall(model)
+    if without is not None:
+        assert without in peft_model.memory_savers, f"{without} was not installed on {arch}"
+        memory.disable(model, [without])
     inputs = model_inputs(arch)
     labels = torch.tensor([0, 2]) if arch == "bert" else inputs["input_ids"]
     torch.manual_seed(5)

@@ -16,7 +16,7 @@ from conftest import build_model, lean_train_step, model_inputs
     ("llama", True, False), ("llama", False, True)])
 def test_same_loss_and_gradients_as_the_plain_blocks(arch, checkpointing, autocast):
     loss_lean, grads_lean = lean_train_step(arch, None, checkpointing, autocast)
-    loss_plain, grads_plain = lean_train_step(arch, lean_norm, checkpointing, autocast)
+    loss_plain, grads_plain = lean_train_step(arch, "norm_outputs", checkpointing, autocast)
     assert torch.equal(loss_lean, loss_plain)
     assert grads_lean.keys() == grads_plain.keys()
     for name in grads_plain:

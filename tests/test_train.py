@@ -241,14 +241,14 @@ def _fail_at(monkeypatch, call: int, error):
     """Make the call-th batch loss computation fail (calls counted from 1)."""
     real, calls = loop.batch_loss_sum, {"n": 0}
 
-    def failing(model, batch):
+    def failing(model, batch, *options):
         calls["n"] += 1
         if calls["n"] == call and torch.is_grad_enabled():
             if error == "nan":
-                loss, logits = real(model, batch)
+                loss, logits = real(model, batch, *options)
                 return loss * float("nan"), logits
             raise error
-        return real(model, batch)
+        return real(model, batch, *options)
 
     monkeypatch.setattr(loop, "batch_loss_sum", failing)
 
@@ -289,11 +289,11 @@ from lorakit.train.args import parse_train_args
 where, at = os.environ["KILL_WHERE"], int(os.environ["KILL_AT"])
 if where == "step":  # SIGKILL in the middle of a training step
     real, calls = loop.batch_loss_sum, [0]
-    def batch_loss_sum(model, batch):
+    def batch_loss_sum(model, batch, *options):
         calls[0] += 1
         if calls[0] == at:
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(model, batch)
+        return real(model, batch, *options)
     loop.batch_loss_sum = batch_loss_sum
 else:  # SIGKILL while a checkpoint folder is being written
     real_replace = os.replace

@@ -55,8 +55,12 @@ def install(model: nn.Module) -> int:
     return count
 
 
-def uninstall(model: nn.Module) -> nn.Module:
+def uninstall(model: nn.Module) -> None:
     """Undo `install`: the modules use their class's forward again."""
-    for module in patched_with(model, _lean_forward):
+    for _, module in patched_with(model, _lean_forward):
         del module.forward
-    return model
+
+
+def installed(model: nn.Module) -> list[str]:
+    """The gated MLPs of `model` that have the lean forward."""
+    return [name for name, _ in patched_with(model, _lean_forward)]

@@ -137,8 +137,12 @@ def install(model) -> bool:
     return True
 
 
-def uninstall(model):
+def uninstall(model) -> None:
     """Undo `install` (the model handed back to the user computes its loss as before)."""
-    if model.__dict__.get("_loss_function") is causal_lm_loss:
+    if installed(model):
         del model._loss_function
-    return model
+
+
+def installed(model) -> list[str]:
+    """[''] (the model itself) when `model` computes its loss with `causal_lm_loss`, else []."""
+    return [""] if model.__dict__.get("_loss_function") is causal_lm_loss else []

@@ -72,11 +72,15 @@ def install(model: nn.Module) -> int:
     return count
 
 
-def uninstall(model: nn.Module) -> nn.Module:
+def uninstall(model: nn.Module) -> None:
     """Undo `install`: the blocks use their class's forward again and the norms lose their hooks."""
-    for block in patched_with(model, _lean_forward):
+    for _, block in patched_with(model, _lean_forward):
         del block.forward
         for hook in block.__dict__.pop("_lorakit_norm_hooks"):
             hook.remove()
         del block.__dict__["_lorakit_norm_calls"]
-    return model
+
+
+def installed(model: nn.Module) -> list[str]:
+    """The blocks of `model` whose adapters keep recipes for norm outputs."""
+    return [name for name, _ in patched_with(model, _lean_forward)]

@@ -8,7 +8,7 @@ backward unpacks it. Tensors it declines go to the enclosing saved-tensor hooks 
 """
 from __future__ import annotations
 
-import types
+import functools
 from contextlib import contextmanager
 from typing import Callable
 
@@ -61,11 +61,12 @@ def saved_as_recipes(recipe_for: Callable[[torch.Tensor], Recompute | None]):
 
 
 def patch_forward(module: nn.Module, forward: Callable) -> None:
-    """Give `module` its own forward, `forward(module, ...)`, in place of its class's."""
-    module.forward = types.MethodType(forward, module)
+    """Give `module` its own forward, `forward(module, ...)`, in place of its class's (a partial,
+    so that the patched model still pickles)."""
+    module.forward = functools.partial(forward, module)
 
 
-def patched_with(model: nn.Module, forward: Callable) -> list[nn.Module]:
-    """The modules of `model` that `patch_forward` gave `forward`."""
-    return [m for m in model.modules()
-            if isinstance(m.__dict__.get("forward"), types.MethodType) and m.__dict__["forward"].__func__ is forward]
+def patched_with(model: nn.Module, forward: Callable) -> list[tuple[str, nn.Module]]:
+    """(name, module) of each module of `model` that `patch_forward` gave `forward`."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m.__dict__.get("forward"), functools.partial) and m.__dict__["forward"].func is forward]

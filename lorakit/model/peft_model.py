@@ -8,21 +8,24 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lorakit.model import adapter_files as checkpoint, merge
-from lorakit.memory import loss as lean_loss, gated_mlp as lean_mlp, norm_outputs as lean_norm
+from lorakit import memory
 from lorakit.config import CONFIG_NAME, LOAD_ONLY_INITS, LoraConfig
+from lorakit.model import adapter_files, merge
 from lorakit.model.lora_model import LoraModel
 
 
 class PeftModel(nn.Module):
-    """A base model carrying LoRA adapters: PeftModel -> base_model (LoraModel) -> model."""
+    """A base model carrying LoRA adapters: PeftModel -> base_model (LoraModel) -> model.
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default"):
+    With `memory_savers` (the default), lorakit.memory's savers are installed on the model, and on
+    the blocks of every adapter added later; `memory_savers=False` leaves the model's code as it is."""
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                 memory_savers: bool = True):
         super().__init__()
         self.base_model = LoraModel(model, peft_config, adapter_name)
-        lean_loss.install(model)  # the same causal-LM loss, without autograd's vocab-sized copies
-        lean_mlp.install(model)  # gated MLPs recompute their product instead of keeping it
-        lean_norm.install(model)  # adapters after a norm keep a recipe for its output
+        self.uses_memory_savers = memory_savers
+        self._install_memory_savers()
         if hasattr(model, "enable_input_require_grads") and any(
                 getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
@@ -67,6 +70,15 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     @property
+    def memory_savers(self) -> dict[str, list[str]]:
+        """What the memory savers changed on the model: saver -> module paths ('' = the model itself)."""
+        return memory.installed(self.get_base_model())
+
+    def _install_memory_savers(self) -> None:
+        if self.uses_memory_savers:
+            memory.enable(self.get_base_model())
+
+    @property
     def peft_config(self) -> dict[str, LoraConfig]:
         return self.base_model.peft_config
 
@@ -78,6 +90,7 @@ class PeftModel(nn.Module):
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
         _check_new(peft_config)
         self.base_model.add_adapter(adapter_name, peft_config)
+        self._install_memory_savers()
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         self.base_model.set_adapter(adapter_name)
@@ -124,7 +137,7 @@ class PeftModel(nn.Module):
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = base_name
             target = save_directory if name == "default" else os.path.join(save_directory, name)
-            checkpoint.save_adapter(self.base_model, target, name)
+            adapter_files.save_adapter(self.base_model, target, name)
         self._write_model_card(save_directory, self.peft_config[names[0]])
 
     def _write_model_card(self, directory: str | os.PathLike, config: LoraConfig) -> None:
@@ -133,22 +146,22 @@ class PeftModel(nn.Module):
         tags += [f"base_model:adapter:{name}"] if name else []
         tags += ["transformers"] if any(c.__name__ == "PreTrainedModel" for c in type(base).__mro__) else []
         pipeline = "text-generation" if config.task_type == "CAUSAL_LM" else None
-        checkpoint.write_model_card(directory, name, tags, pipeline)
+        adapter_files.write_model_card(directory, name, tags, pipeline)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: LoraConfig | None = None,
-                        subfolder: str | None = None, **_ignored) -> "PeftModel":
+                        subfolder: str | None = None, memory_savers: bool = True, **_ignored) -> "PeftModel":
         """Attach the adapter saved in a local folder (by lorakit or PEFT) to `model`."""
         directory = _adapter_dir(model_id, subfolder)
         config = config or LoraConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
-        tensors = checkpoint.read_adapter_file(directory)
+        tensors = adapter_files.read_adapter_file(directory)
         try:
-            peft_model = cls(model, config, adapter_name)
+            peft_model = cls(model, config, adapter_name, memory_savers)
         except ValueError as err:
             raise ValueError(f"adapter {os.fspath(directory)!r} does not fit this model: {err}") from err
-        checkpoint.load_adapter_weights(peft_model.base_model, adapter_name, tensors, os.fspath(directory))
+        adapter_files.load_adapter_weights(peft_model.base_model, adapter_name, tensors, os.fspath(directory))
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -158,11 +171,12 @@ class PeftModel(nn.Module):
         """Add a saved adapter under a new name (inactive until set_adapter), or, as PEFT (and Trainer's
         resume), load its weights into the existing adapter of that name. Not trainable: eval mode, as PEFT."""
         directory = _adapter_dir(model_id, subfolder)
-        tensors = checkpoint.read_adapter_file(directory)
+        tensors = adapter_files.read_adapter_file(directory)
         if adapter_name in self.peft_config:
-            checkpoint.load_adapter_weights(self.base_model, adapter_name, tensors, os.fspath(directory))
+            adapter_files.load_adapter_weights(self.base_model, adapter_name, tensors, os.fspath(directory))
         else:
             self._add_loaded(directory, adapter_name, is_trainable, tensors)
+            self._install_memory_savers()
         if not is_trainable:
             self.eval()
 
@@ -174,17 +188,18 @@ class PeftModel(nn.Module):
         except ValueError as err:
             raise ValueError(f"adapter {os.fspath(directory)!r} does not fit this model: {err}") from err
         try:
-            checkpoint.load_adapter_weights(self.base_model, adapter_name, tensors, os.fspath(directory))
+            adapter_files.load_adapter_weights(self.base_model, adapter_name, tensors, os.fspath(directory))
         except ValueError:
             self.base_model.delete_adapter(adapter_name)
             raise
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
-                   **_ignored) -> PeftModel:
-    """Wrap `model` with a fresh LoRA adapter: the base frozen, the adapter trainable."""
+                   memory_savers: bool = True, **_ignored) -> PeftModel:
+    """Wrap `model` with a fresh LoRA adapter: the base frozen, the adapter trainable. With
+    `memory_savers=False` the model's own loss and forward code stay untouched (lorakit.memory)."""
     _check_new(peft_config)
-    return PeftModel(model, peft_config, adapter_name)
+    return PeftModel(model, peft_config, adapter_name, memory_savers)
 
 
 def _check_new(config: LoraConfig) -> None:
@@ -208,7 +223,7 @@ def _new(cls: type) -> "PeftModel":
 
 def _plain(model: nn.Module) -> nn.Module:
     """The unloaded base model with its own loss, MLP and block forwards back."""
-    return lean_norm.uninstall(lean_mlp.uninstall(lean_loss.uninstall(model)))
+    return memory.disable(model)
 
 
 def _adapter_dir(model_id: str | os.PathLike, subfolder: str | None) -> str:

@@ -126,6 +126,9 @@ class TrainArgs:
     per_device_eval_batch_size: int = field(default=16, metadata=_help("Examples per process per eval batch."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-steps per optimiser step."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in backward."))
+    memory_savers: bool = field(default=True, metadata=_help(
+        "lorakit's memory savers (same numbers, less memory): the causal-LM head and loss fused, gated MLPs "
+        "and norm outputs recomputed in backward. false: the model's own code paths, untouched."))
     bf16: Optional[bool] = field(default=None, metadata=_help(
         "bf16 autocast; default on for CUDA, off (fp32) on CPU."))
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata=_help(

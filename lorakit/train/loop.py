@@ -85,7 +85,8 @@ def prepare_data(args: TrainArgs, tokenizer) -> PreparedData:
 # The only settings that may differ on --resume: they change no step of the run. Every other
 # TrainArgs field, the data's token ids, bf16 and the process count must match the checkpoint.
 FREE_ON_RESUME = ("output_dir", "overwrite", "resume", "logging_steps", "eval_steps", "save_steps",
-                  "save_total_limit", "report_to", "per_device_eval_batch_size", "gradient_checkpointing")
+                  "save_total_limit", "report_to", "per_device_eval_batch_size", "gradient_checkpointing",
+                  "memory_savers")
 NOT_FLAGS = {"data": "the data (token ids of the train and eval examples)",
              "processes": "processes (torchrun --nproc_per_node)"}
 
@@ -206,7 +207,7 @@ def accumulate_gradients(model, examples: list[Encoded], args: TrainArgs, pad_id
             continue
         batch = {k: v.to(ctx.device) for k, v in collate(chunk, pad_id).items()}
         with autocast(ctx, bf16):
-            loss = batch_loss_sum(model, batch)[0] / units
+            loss = batch_loss_sum(model, batch, args.memory_savers)[0] / units
         loss.backward()
         total += loss.item()
     return total
@@ -228,7 +229,7 @@ def evaluate(model, items: list[Encoded], args: TrainArgs, pad_id: int, ctx: dis
         batch = {k: v.to(ctx.device) for k, v in
                  collate(mine[start:start + args.per_device_eval_batch_size], pad_id).items()}
         with autocast(ctx, bf16):
-            loss, logits = batch_loss_sum(model, batch)
+            loss, logits = batch_loss_sum(model, batch, args.memory_savers)
         total += loss.item()
         if logits is not None and logits.dim() == 2:
             units += len(batch["labels"])

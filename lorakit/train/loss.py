@@ -37,10 +37,12 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return hf.get_decoder(), head
 
 
-def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(summed loss, logits or None): logits only come back from the full-logits path."""
+def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
+                   fused_head: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(summed loss, logits or None): logits only come back from the full-logits path. With
+    `fused_head`, a plain-head causal LM gets the head and the loss fused (no full logits)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    parts = decoder_and_head(model)
+    parts = decoder_and_head(model) if fused_head else None
     if parts is None:
         logits = model(**inputs).logits
         return loss_sum(logits, batch["labels"]), logits

@@ -28,7 +28,7 @@ def prepare_model(model: nn.Module, args: TrainArgs, task: str) -> nn.Module:
     if args.train_type == "full":
         model.requires_grad_(True)
         return model.float()
-    peft_model = get_peft_model(model, lora_config(args, task))
+    peft_model = get_peft_model(model, lora_config(args, task), memory_savers=args.memory_savers)
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
