@@ -9,6 +9,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from lorakit.io import files
+
 CONFIG_NAME = "adapter_config.json"
 
 
@@ -141,7 +143,7 @@ class LoraConfig:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         os.makedirs(directory, exist_ok=True)
         payload = {**self.to_dict(), "inference_mode": True}
-        _atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(payload, indent=2, sort_keys=True))
+        files.write_text(os.path.join(directory, CONFIG_NAME), json.dumps(payload, indent=2, sort_keys=True))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "LoraConfig":
@@ -249,9 +251,3 @@ def _is_default(value: Any, default: Any) -> bool:
         return value in (None, {}) or value == default
     return value == default
 
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.lora.delta import LoraMatmul, dora_scale, keep_mask, lora_delta
+from lorakit.lora.delta import LoraMatmul, keep_mask, lora_delta
+from lorakit.lora.dora import dora_scale
 
 
 def reference(x, A, B, scale, mask):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lorakit.families import SEQ_CLS_HEADS
+from lorakit.io import files
 from lorakit.modules import replace_module
 from lorakit.quant.nf4 import from_state_dict, quantize_nf4, to_state_dict
 from lorakit.quant.linear4bit import NF4Linear
@@ -132,7 +133,6 @@ def _initialise_missing(model: nn.Module) -> None:
 def save_nf4(model: nn.Module, folder: str) -> None:
     """Save a model holding NF4Linear layers as transformers saves a bitsandbytes 4-bit model: the
     same tensor keys and a `quantization_config` in config.json, so either library loads it."""
-    from safetensors.torch import save_file
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ def save_nf4(model: nn.Module, folder: str) -> None:
             continue
         seen.add(tensor.data_ptr())
         state[key] = tensor.detach().contiguous()
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    files.save_safetensors(state, out / "model.safetensors", metadata={"format": "pt"})
     config = model.config.to_dict()
     layers = list(quantized.values())
     config["quantization_config"] = {
@@ -155,4 +155,4 @@ def save_nf4(model: nn.Module, folder: str) -> None:
         "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": layers[0].weight_nested_absmax is not None,
         "bnb_4bit_compute_dtype": str(layers[0].weight_dtype).removeprefix("torch."),
         "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": None}
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    files.write_text(out / "config.json", json.dumps(config, indent=2, default=str))

@@ -116,32 +116,3 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
     dtype = compute_dtype(x, A.dtype)
     mask = None if flipped is None else _mask_from(flipped, x.shape, p)
     return _low_rank_out(base, _apply(mask, x.to(dtype)) @ A.to(dtype).T, B.to(dtype), scale)
-
-
-class _DoraScale(torch.autograd.Function):
-    """combined * magnitude / norm (per output feature), keeping its output rather than its input:
-    the output is what the next op keeps too (v_proj's for attention, gate/up's for the MLP), so
-    the two share one tensor. Backward recovers the input as output * norm / magnitude."""
-
-    @staticmethod
-    def forward(ctx, combined, magnitude, norm):
-        out = combined * (magnitude / norm).to(combined.dtype)
-        ctx.save_for_backward(out, magnitude, norm)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out, magnitude, norm = ctx.saved_tensors
-        scale = (magnitude / norm).to(grad.dtype)
-        grad_magnitude = None
-        if ctx.needs_input_grad[1]:
-            combined = out / scale
-            grad_magnitude = ((grad * combined).reshape(-1, grad.shape[-1]).sum(0) / norm).to(magnitude.dtype)
-        return grad * scale, grad_magnitude, None
-
-
-def dora_scale(combined: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """DoRA's rescaling m / ||W + sBA|| of (W x + s B A x), norm treated as a constant."""
-    if torch.is_grad_enabled() and (combined.requires_grad or magnitude.requires_grad):
-        return _DoraScale.apply(combined, magnitude, norm)
-    return combined * (magnitude / norm).to(combined.dtype)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.lora.delta import dora_scale, lora_delta
+from lorakit.lora.delta import lora_delta
+from lorakit.lora.dora import dora_scale, weight_norm
 from lorakit.quant.linear4bit import NF4Linear
 
 
@@ -72,7 +73,7 @@ class LoraLayer(WrapsBase):
 
     def __init__(self, base: nn.Module):
         super().__init__(base)
-        self.lora_dropout = nn.ModuleDict()
+        self.dropout: dict[str, float] = {}  # p of each adapter's input dropout, applied in train mode
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
@@ -86,7 +87,7 @@ class LoraLayer(WrapsBase):
             raise ValueError(f"DoRA supports Linear and Conv1D layers, not {type(self.base_layer).__name__}")
         self.r[name] = r
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout[name] = dropout
         self._create_adapter(name, r, init)
         self.to_base_device(name)
 
@@ -100,9 +101,13 @@ class LoraLayer(WrapsBase):
         for container in self._modules.values():
             if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and name in container:
                 del container[name]
-        for table in (self.r, self.scaling):
+        for table in (self.r, self.scaling, self.dropout):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def dropout_p(self, name: str) -> float:
+        """The adapter's dropout rate now: its p in train mode, 0 in eval mode."""
+        return self.dropout[name] if self.training else 0.0
 
     def to_base_device(self, name: str) -> None:
         ref = next((t for t in [*self._parameters.values(), *self._buffers.values()] if t is not None), None)
@@ -238,12 +243,7 @@ class LoraLinear(LoraLayer):
 
     def _weight_norm(self, delta_out_in: torch.Tensor) -> torch.Tensor:
         """Row norms of W + delta (DoRA's ||W'||, one per output feature)."""
-        weight = self.weight_out_in()
-        return torch.linalg.norm(weight + delta_out_in.to(weight.dtype), dim=1).to(weight.dtype)
-
-    def dropout_p(self, name: str) -> float:
-        dropout = self.lora_dropout[name]
-        return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        return weight_norm(self.weight_out_in(), delta_out_in)
 
     def adapter_output(self, x, name, base_out):
         if name not in self.lora_magnitude_vector:
@@ -348,7 +348,7 @@ class LoraConv2d(LoraLayer):
 
     def adapter_output(self, x, name, base_out):
         A, B = self.lora_A[name], self.lora_B[name]
-        return B(A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]
+        return B(A(F.dropout(x.to(A.weight.dtype), self.dropout_p(name)))) * self.scaling[name]
 
     def delta_weight(self, name):
         A, B = self.lora_A[name].weight, self.lora_B[name].weight

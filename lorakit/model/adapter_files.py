@@ -14,10 +14,11 @@ import re
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lorakit.config import CONFIG_NAME
+from lorakit.io import files
 from lorakit.model.lora_model import LoraModel
 from lorakit.model.targeting import is_adapter_internal, is_bias
 from lorakit.lora.layers import LoraLayer, ModulesToSave
@@ -111,18 +112,12 @@ def adapter_state_dict(lora_model: LoraModel, adapter_name: str) -> dict[str, to
 def save_adapter(lora_model: LoraModel, directory: str | os.PathLike, adapter_name: str) -> None:
     """Write adapter_config.json and adapter_model.safetensors, each replaced atomically."""
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, WEIGHTS_NAME)
-    tmp = f"{path}.tmp{os.getpid()}"
-    open(tmp, "wb").close()  # a new file gets the umask's mode; safetensors' own is always 0600
-    mode = os.stat(tmp).st_mode & 0o777
     state, storages = adapter_state_dict(lora_model, adapter_name), set()
     for key, tensor in state.items():  # safetensors refuses tensors sharing memory (tied weights); PEFT clones too
         storage = tensor.untyped_storage().data_ptr()
         state[key] = tensor.clone() if storage in storages else tensor
         storages.add(storage)
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    files.save_safetensors(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     lora_model.peft_config[adapter_name].save_pretrained(directory)
 
 

@@ -117,7 +117,7 @@ class LoraModel(nn.Module):
         alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
         module.add_adapter(adapter_name, rank, alpha, config.lora_dropout, config.use_rslora,
                            config.use_dora, config.init_lora_weights)
-        module.train(module.training)  # the new adapter's dropout follows the layer's train / eval mode
+        module.train(module.training)  # the new adapter's modules take the layer's train / eval mode
 
     def _freeze_base(self, config: LoraConfig, targets: list[str]) -> None:
         """Only adapters train; biases too when config.bias says so."""

@@ -22,6 +22,7 @@ from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.families import family
 from lorakit.model.targeting import layer_index_ok, name_matches, pattern_value
 from lorakit.modules import replace_module
+from lorakit.lora.dora import weight_norm
 from lorakit.lora.layers import WrapsBase, is_conv1d
 
 _KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)")
@@ -105,7 +106,7 @@ class BankLinear(WrapsBase):
             if self.dora_scale is None:
                 self.dora_scale = self.stacked_A.new_ones(self.stacked_A.shape[0], self.d_out)
             weight = self.weight_out_in().float()
-            norm = torch.linalg.norm(weight + sB.to(weight.device) @ adapter.A.float().to(weight.device), dim=1)
+            norm = weight_norm(weight, sB.to(weight.device) @ adapter.A.float().to(weight.device))
             self.dora_scale[slot] = (adapter.magnitude.float().to(norm.device) / norm).to(self.dora_scale.dtype)
 
     def clear_slot(self, slot: int) -> None:

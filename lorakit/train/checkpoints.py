@@ -21,10 +21,11 @@ import uuid
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lorakit.model.peft_model import PeftModel
+from lorakit.io import files
 
 PREFIX = "checkpoint-"
 RUN_FILE = "run.json"
@@ -73,7 +74,7 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, sc
     tmp = output_dir / f".{PREFIX}{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed while writing
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    files.save_safetensors(trainable_state(model), tmp / "trainable.safetensors")
     if isinstance(model, PeftModel):
         model.save_pretrained(str(tmp))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorakit import data as datasets_
+from lorakit.io import files
 from lorakit.memory.loss import IGNORE_INDEX
 from lorakit.data.encode import EncodeReport, Encoded, collate, encode_examples, loss_units
 from lorakit.train import checkpoints, distributed
@@ -428,6 +429,4 @@ def _fmt(metrics: dict) -> str:
 def _write_yaml(path: Path, values: dict) -> None:
     import yaml
 
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(values, sort_keys=False))
-    tmp.replace(path)
+    files.write_text(path, yaml.safe_dump(values, sort_keys=False))

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
+
+from lorakit.io import files
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -17,9 +18,7 @@ class MetricsLog:
         if resumed_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resumed_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            files.write_text(self.path, "".join(line + "\n" for line in kept))
         self.file = self.path.open("w" if resumed_step is None else "a")
         self.writer = None
         if tensorboard:
