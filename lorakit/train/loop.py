@@ -14,7 +14,7 @@ import random
 import tempfile
 import time
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -267,12 +267,63 @@ def train(args: TrainArgs) -> dict:
         distributed.teardown(ctx)
 
 
+@dataclass
+class Run:
+    """What one training job holds while it runs: set up by `setup`, advanced by `train_step`."""
+    args: TrainArgs
+    ctx: distributed.Dist
+    out: Path
+    data: PreparedData
+    tokenizer: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    bf16: bool
+    run_id: str
+    trajectory: dict
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+    history: dict = field(default_factory=dict)
+    own_checkpoints: set = field(default_factory=set)
+    last_checkpoint: Path | None = None
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def global_size(self) -> int:
+        return self.args.per_device_train_batch_size * self.ctx.world * self.args.gradient_accumulation_steps
+
+    def say(self, *text, **kw) -> None:
+        if self.ctx.is_main:
+            print(*text, **kw)
+
+
 def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
-    say = print if ctx.is_main else (lambda *a, **k: None)
     started = time.time()
+    run = setup(args, ctx)
+    log = start_logs(run)
+    if "before" not in run.history and run.data.val:
+        run.history["before"] = evaluate_run(run)
+        run.say("before training: " + _fmt(run.history["before"]))
+    timer = time.time()  # the training loop alone (train_runtime_s)
+    train_steps(run, log, timer)
+    result = {"global_step": run.step, "train_runtime_s": round(time.time() - timer, 2),
+              "total_runtime_s": round(time.time() - started, 2), **parameter_counts(run.model),
+              **_flat(run.history)}
+    finish(run, result)
+    return result
+
+
+def setup(args: TrainArgs, ctx: distributed.Dist) -> Run:
+    """Output folder, tokenizer, data, model, optimizer and schedule; restored from a checkpoint
+    when resuming. Everything that can be refused is checked before the model loads."""
     if args.output_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         args = dataclasses.replace(args, output_dir=f"outputs/{Path(args.model).name}-{stamp}")
+    say = print if ctx.is_main else (lambda *a, **k: None)
     out = prepare_output_dir(args)
     model_path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(model_path)
@@ -280,10 +331,25 @@ def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
     data = prepare_data(args, tokenizer)
     args = resolve_args(args, data)
     say(describe_data(data, args))
-
     bf16 = args.bf16 if args.bf16 is not None else ctx.device.type == "cuda"
     trajectory = run_trajectory(args, data, ctx.world, bf16)
     resume_from, run_id = resume_point(args, out, trajectory)
+    model = build_model(args, ctx, model_path, data, bf16)
+    say(f"model: {model_path} ({args.train_type}), " + describe_parameters(model))
+    steps_per_epoch = math.ceil(len(data.train) / (args.per_device_train_batch_size * ctx.world
+                                                   * args.gradient_accumulation_steps))
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    optimizer = build_optimizer(model, args)
+    run = Run(args, ctx, out, data, tokenizer, model, optimizer, build_scheduler(optimizer, args, total_steps),
+              bf16, run_id, trajectory, steps_per_epoch, total_steps)
+    if resume_from:
+        restore(run, resume_from)
+    return run
+
+
+def build_model(args: TrainArgs, ctx: distributed.Dist, model_path: str, data: PreparedData,
+                bf16: bool) -> torch.nn.Module:
+    """The base model with adapters attached (or unfrozen), on the device, in train mode."""
     if args.torch_dtype != "auto":
         base_dtype = getattr(torch, args.torch_dtype)
     else:
@@ -291,115 +357,140 @@ def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # same adapter initialisation on every rank
     model = load_model(model_path, data.task, data.labels, base_dtype, args.quantize, tuple(args.modules_to_save))
-    model = prepare_model(model, args, data.task).to(ctx.device)
-    model.train()
+    model = prepare_model(model, args, data.task).to(ctx.device).train()
     torch.manual_seed(args.seed + ctx.rank)  # independent dropout masks per rank
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
-    say(f"model: {model_path} ({args.train_type}), trainable {n_trainable:,} of {n_total:,} "
-        f"parameters ({100 * n_trainable / n_total:.2f}%)")
+    return model
 
-    global_size = args.per_device_train_batch_size * ctx.world * args.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(data.train) / global_size)
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    eval_every = args.eval_steps or steps_per_epoch
-    save_every = args.save_steps or steps_per_epoch
-    optimizer = build_optimizer(model, args)
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int):
     from transformers import get_scheduler
 
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
-                              num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
 
-    step, history = 0, {}
-    own_checkpoints = {p.name for p in checkpoints.run_checkpoints(out, run_id)} if resume_from else set()
-    if resume_from:
-        state, rng_states = checkpoints.load_checkpoint(resume_from, model, optimizer, scheduler)
-        step, history = state["global_step"], state.get("history", {})
-        checkpoints.restore_rng(rng_states[ctx.rank if ctx.rank < len(rng_states) else 0], ctx.device)
-        say(f"resumed from {resume_from} at step {step} of {total_steps}")
-    if ctx.is_main:
-        checkpoints.write_run_id(out, run_id)
-        _write_yaml(out / "run_config.yaml", args.to_dict())
-    log = MetricsLog(out, "tensorboard" in args.report_to, step if resume_from else None) if ctx.is_main else None
 
-    if "before" not in history and data.val:
-        history["before"] = evaluate(model, data.val, args, tokenizer.pad_token_id, ctx, bf16)
-        say("before training: " + _fmt(history["before"]))
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    params = list(model.parameters())
+    return {"trainable_params": sum(p.numel() for p in params if p.requires_grad),
+            "total_params": sum(p.numel() for p in params)}
 
-    def save(at_step: int, rng: dict) -> Path | None:
-        rng_states = distributed.gather_objects(rng, ctx)
-        if not ctx.is_main:
-            return None
-        path = checkpoints.save_checkpoint(out, at_step, model, optimizer, scheduler, rng_states,
-                                           {"run_id": run_id, "trajectory": trajectory, "history": history,
-                                            "epoch": at_step / steps_per_epoch})
-        own_checkpoints.add(path.name)
-        checkpoints.rotate(out, args.save_total_limit, own_checkpoints)
-        return path
 
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not ctx.is_main,
+def describe_parameters(model: torch.nn.Module) -> str:
+    counts = parameter_counts(model)
+    trainable, total = counts["trainable_params"], counts["total_params"]
+    return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+
+
+def restore(run: Run, path: Path) -> None:
+    """Continue from a checkpoint of this run: weights, optimizer, schedule, history and random state."""
+    state, rng_states = checkpoints.load_checkpoint(path, run.model, run.optimizer, run.scheduler)
+    run.step, run.history = state["global_step"], state.get("history", {})
+    run.own_checkpoints = {p.name for p in checkpoints.run_checkpoints(run.out, run.run_id)}
+    run.last_checkpoint = path
+    checkpoints.restore_rng(rng_states[run.ctx.rank if run.ctx.rank < len(rng_states) else 0], run.ctx.device)
+    run.say(f"resumed from {path} at step {run.step} of {run.total_steps}")
+
+
+def start_logs(run: Run) -> MetricsLog | None:
+    """The run's id and config in its folder, and its metrics log (main process only)."""
+    if not run.ctx.is_main:
+        return None
+    checkpoints.write_run_id(run.out, run.run_id)
+    _write_yaml(run.out / "run_config.yaml", run.args.to_dict())
+    resumed_at = run.step if run.last_checkpoint else None
+    return MetricsLog(run.out, "tensorboard" in run.args.report_to, resumed_at)
+
+
+def evaluate_run(run: Run) -> dict[str, float]:
+    return evaluate(run.model, run.data.val, run.args, run.tokenizer.pad_token_id, run.ctx, run.bf16)
+
+
+def save(run: Run, rng: dict) -> Path | None:
+    """Checkpoint the run at its current step (written by the main process, rotated)."""
+    rng_states = distributed.gather_objects(rng, run.ctx)
+    if not run.ctx.is_main:
+        return None
+    path = checkpoints.save_checkpoint(run.out, run.step, run.model, run.optimizer, run.scheduler, rng_states,
+                                       {"run_id": run.run_id, "trajectory": run.trajectory, "history": run.history,
+                                        "epoch": run.step / run.steps_per_epoch})
+    run.own_checkpoints.add(path.name)
+    checkpoints.rotate(run.out, run.args.save_total_limit, run.own_checkpoints)
+    return path
+
+
+def train_step(run: Run) -> tuple[float, float, float, list[int]]:
+    """One optimiser step over the next global batch: (loss, grad norm, learning rate, example indices).
+    A non-finite loss stops the run before anything is applied."""
+    args, params = run.args, run.params
+    indices = global_batch(len(run.data.train), run.step, run.steps_per_epoch, run.global_size, args.seed)
+    loss = accumulate_gradients(run.model, [run.data.train[i] for i in indices], args,
+                                run.tokenizer.pad_token_id, run.ctx, run.bf16)
+    distributed.sum_gradients(params, run.ctx)
+    loss = distributed.sum_across([loss], run.ctx)[0]
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"loss became {loss} at step {run.step + 1}; that step was not applied. Last good "
+            f"checkpoint: {run.last_checkpoint or 'none saved yet'}. Lower --learning_rate and "
+            "resume from it with --resume.")
+    grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+                 if args.max_grad_norm > 0 else float("nan"))
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return loss, grad_norm, lr, indices
+
+
+def train_steps(run: Run, log: MetricsLog | None, timer: float) -> None:
+    """Steps to the end, with logs, evaluation and checkpoints on their schedules; Ctrl-C saves
+    the step in progress (one process) so that --resume continues it."""
+    args = run.args
+    eval_every, save_every = args.eval_steps or run.steps_per_epoch, args.save_steps or run.steps_per_epoch
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=not run.ctx.is_main,
                dynamic_ncols=True)
-    last_checkpoint = resume_from
-    rng_at_step = checkpoints.capture_rng(ctx.device)
-    tokens_seen, timer = 0, time.time()  # timer: the training loop alone (train_runtime_s)
+    rng_at_step, tokens_seen = checkpoints.capture_rng(run.ctx.device), 0
     try:
-        while step < total_steps:
-            rng_at_step = checkpoints.capture_rng(ctx.device)
-            indices = global_batch(len(data.train), step, steps_per_epoch, global_size, args.seed)
-            step_loss = accumulate_gradients(model, [data.train[i] for i in indices], args, tokenizer.pad_token_id,
-                                             ctx, bf16)
-            distributed.sum_gradients(params, ctx)
-            step_loss = distributed.sum_across([step_loss], ctx)[0]
-            if not math.isfinite(step_loss):
-                raise TrainingDiverged(
-                    f"loss became {step_loss} at step {step + 1}; that step was not applied. Last good "
-                    f"checkpoint: {last_checkpoint or 'none saved yet'}. Lower --learning_rate and "
-                    "resume from it with --resume.")
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-                         if args.max_grad_norm > 0 else float("nan"))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += sum(len(data.train[i].input_ids) for i in indices)
+        while run.step < run.total_steps:
+            rng_at_step = checkpoints.capture_rng(run.ctx.device)
+            loss, grad_norm, lr, indices = train_step(run)
+            tokens_seen += sum(len(run.data.train[i].input_ids) for i in indices)
             speed = tokens_seen / max(time.time() - timer, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
-            if log and (step % args.logging_steps == 0 or step == total_steps):
-                log.log(step, train_loss=step_loss, train_lr=lr, train_grad_norm=grad_norm,
-                        train_tokens_per_s=speed, train_epoch=step / steps_per_epoch)
-            if data.val and (step % eval_every == 0 or step == total_steps):
-                history["eval"] = evaluate(model, data.val, args, tokenizer.pad_token_id, ctx, bf16)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
+            last = run.step == run.total_steps
+            if log and (run.step % args.logging_steps == 0 or last):
+                log.log(run.step, train_loss=loss, train_lr=lr, train_grad_norm=grad_norm,
+                        train_tokens_per_s=speed, train_epoch=run.step / run.steps_per_epoch)
+            if run.data.val and (run.step % eval_every == 0 or last):
+                run.history["eval"] = evaluate_run(run)
                 if log:
-                    log.log(step, **history["eval"])
-                    bar.write(f"step {step}: " + _fmt(history["eval"]))
-            if step % save_every == 0 and step < total_steps:
-                last_checkpoint = save(step, checkpoints.capture_rng(ctx.device)) or last_checkpoint
+                    log.log(run.step, **run.history["eval"])
+                    bar.write(f"step {run.step}: " + _fmt(run.history["eval"]))
+            if run.step % save_every == 0 and not last:
+                run.last_checkpoint = save(run, checkpoints.capture_rng(run.ctx.device)) or run.last_checkpoint
     except KeyboardInterrupt:
         bar.close()
-        if ctx.world == 1:
-            path = save(step, rng_at_step)
-            print(f"\ninterrupted: saved {path} (step {step}); continue with --resume")
+        if run.ctx.world == 1:
+            print(f"\ninterrupted: saved {save(run, rng_at_step)} (step {run.step}); continue with --resume")
         raise
     finally:
         bar.close()
         if log:
             log.close()
 
-    result = {"global_step": step, "train_runtime_s": round(time.time() - timer, 2),
-              "total_runtime_s": round(time.time() - started, 2),
-              "trainable_params": n_trainable, "total_params": n_total, **_flat(history)}
-    if ctx.is_main:
-        save_trained(model, tokenizer, out)
-        if data.labels:
-            (out / "labels.json").write_text(json.dumps(data.labels, indent=2))
-        (out / "final_metrics.json").write_text(json.dumps(result, indent=2))
+
+def finish(run: Run, result: dict) -> None:
+    """The trained adapter (or model), labels, final metrics and loss curve in the run's folder."""
+    if run.ctx.is_main:
+        out = run.out
+        save_trained(run.model, run.tokenizer, out)
+        if run.data.labels:
+            files.write_text(out / "labels.json", json.dumps(run.data.labels, indent=2))
+        files.write_text(out / "final_metrics.json", json.dumps(result, indent=2))
         plot_loss_curve(out / METRICS_FILE, out / "loss_curve.png")
-        print(summary(result, out, args))
-    distributed.barrier(ctx)
-    return result
+        print(summary(result, out, run.args))
+    distributed.barrier(run.ctx)
 
 
 def summary(result: dict, out: Path, args: TrainArgs) -> str:
