@@ -146,7 +146,7 @@ class LoraConfig:
         files.write_text(os.path.join(directory, CONFIG_NAME), json.dumps(payload, indent=2, sort_keys=True))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "LoraConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> LoraConfig:
         """Build from a PEFT-style dict: known fields used, PEFT-only fields checked, others warned."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
@@ -167,7 +167,7 @@ class LoraConfig:
             raise ValueError(f"{source}: {err}") from err
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None) -> "LoraConfig":
+    def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None) -> LoraConfig:
         path = os.path.join(directory, subfolder or "", CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(

@@ -50,4 +50,4 @@ def check_bitsandbytes(expected: torch.Tensor, theirs: torch.Tensor, where: str,
     if wrong:
         warnings.warn(BitsandbytesDequantisationWrong(
             f"bitsandbytes differs from the NF4 formula in {wrong} of {expected.numel()} values "
-            f"({where}); lorakit is checked against the formula"))
+            f"({where}); lorakit is checked against the formula"), stacklevel=2)

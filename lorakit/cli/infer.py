@@ -89,8 +89,8 @@ def trained_system(adapter: Optional[str]) -> Optional[str]:
 
 def load_for_inference(args: InferArgs):
     """(model, tokenizer, labels) from the adapter folder (and its base model)."""
-    from lorakit.model.peft_model import PeftModel
     from lorakit.io.pretrained import load_model, load_tokenizer, resolve_model_path
+    from lorakit.model.peft_model import PeftModel
 
     adapter = Path(args.adapter) if args.adapter else None
     if adapter is not None and not adapter.is_dir():

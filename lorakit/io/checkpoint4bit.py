@@ -16,8 +16,8 @@ from torch import nn
 from lorakit.families import SEQ_CLS_HEADS
 from lorakit.io import files
 from lorakit.modules import replace_module
-from lorakit.quant.nf4 import from_state_dict, quantize_nf4, to_state_dict
 from lorakit.quant.linear4bit import NF4Linear
+from lorakit.quant.nf4 import from_state_dict, quantize_nf4, to_state_dict
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

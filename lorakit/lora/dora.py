@@ -10,6 +10,13 @@ def weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return torch.linalg.norm(weight + delta.to(weight.dtype), dim=1)
 
 
+def low_rank_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """||W + sBA|| per row from ||W||^2 + 2s <W A^T, B> + s^2 <B A A^T, B>: the same norm without the
+    d_out x d_in sum (the training path's, once per forward)."""
+    squared = (weight * weight).sum(1) + 2 * s * ((weight @ A.T) * B).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
+    return squared.clamp_min(0).sqrt()
+
+
 class _DoraScale(torch.autograd.Function):
     """combined * magnitude / norm (per output feature), keeping its output rather than its input:
     the output is what the next op keeps too (v_proj's for attention, gate/up's for the MLP), so

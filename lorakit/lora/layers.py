@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.lora.delta import lora_delta
-from lorakit.lora.dora import dora_scale, weight_norm
+from lorakit.lora.dora import dora_scale, low_rank_weight_norm, weight_norm
 from lorakit.quant.linear4bit import NF4Linear
 
 
@@ -270,17 +270,11 @@ class LoraLinear(LoraLayer):
         second pass through the base weight; both have the same expectation (docs/speed.md)."""
         A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # the norm in the adapter's precision
-            norm = self._dora_norm(A, B, s)
+            norm = low_rank_weight_norm(self.weight_out_in().to(A.dtype), A, B, s)
         base_no_bias = base_out if self.bias is None else base_out - self.bias
         combined = lora_delta(x, A, B, s, self.dropout_p(name), base=base_no_bias)
         out = dora_scale(combined, self.lora_magnitude_vector[name], norm)
         return out if self.bias is None else out + self.bias
-
-    def _dora_norm(self, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-        """Row norms of W + sBA from ||W||^2 + 2s <W A^T, B> + s^2 <B A A^T, B>, without the d_out x d_in sum."""
-        weight = self.weight_out_in().to(A.dtype)
-        squared = (weight * weight).sum(1) + 2 * s * ((weight @ A.T) * B).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
-        return squared.clamp_min(0).sqrt()
 
     def merged_weight(self, name):
         if name not in self.lora_magnitude_vector:

@@ -9,8 +9,8 @@ backward unpacks it. Tensors it declines go to the enclosing saved-tensor hooks 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 import torch
 from torch import nn

@@ -19,9 +19,9 @@ from torch import nn
 
 from lorakit.config import CONFIG_NAME
 from lorakit.io import files
+from lorakit.lora.layers import LoraLayer, ModulesToSave
 from lorakit.model.lora_model import LoraModel
 from lorakit.model.targeting import is_adapter_internal, is_bias
-from lorakit.lora.layers import LoraLayer, ModulesToSave
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_NAME = "README.md"
@@ -146,7 +146,8 @@ def read_adapter_file(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             state = load_file(st_path, device="cpu")
         except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{st_path}: corrupt or truncated safetensors file ({err}); save the adapter again") from err
+            raise ValueError(f"{st_path}: corrupt or truncated safetensors file ({err}); "
+                             "save the adapter again") from err
         return _checked(st_path, state)
     return _checked(os.path.join(directory, LEGACY_WEIGHTS_NAME), _read_bin(directory))
 

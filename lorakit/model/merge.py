@@ -46,7 +46,7 @@ def unload(lora_model: LoraModel, merge: bool = False, safe_merge: bool = False,
             raise ValueError(f"the base weights are 4-bit; say how to merge into them: quantized_merge="
                              f"'dequantize' (a 16/32-bit merged model) or 'requantize' (back to NF4, losing "
                              f"precision); got {quantized_merge!r}")
-        for name, layer in quantized:
+        for _, layer in quantized:
             layer.dequantize_base()
         if quantized and quantized_merge == "requantize":
             warnings.warn("re-quantising merged weights to NF4 rounds away part of the LoRA update; outputs "

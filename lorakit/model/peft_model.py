@@ -151,7 +151,7 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: LoraConfig | None = None,
-                        subfolder: str | None = None, memory_savers: bool = True, **_ignored) -> "PeftModel":
+                        subfolder: str | None = None, memory_savers: bool = True, **_ignored) -> PeftModel:
         """Attach the adapter saved in a local folder (by lorakit or PEFT) to `model`."""
         directory = _adapter_dir(model_id, subfolder)
         config = config or LoraConfig.from_pretrained(directory)
@@ -211,13 +211,14 @@ def _check_new(config: LoraConfig) -> None:
 
 @functools.cache
 def _peft_lookalike(cls: type, peft_class: type | None) -> type:
-    """`cls`, or where peft is loaded a subclass of `cls` and peft.PeftModel, for isinstance only (never instantiated)."""
+    """`cls`, or where peft is loaded a subclass of `cls` and peft.PeftModel: for isinstance only,
+    never instantiated."""
     if peft_class is None:
         return cls
     return type(cls.__name__, (cls, peft_class), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
-def _new(cls: type) -> "PeftModel":
+def _new(cls: type) -> PeftModel:
     return cls.__new__(cls)
 
 

@@ -11,6 +11,7 @@ from lorakit.families import SEQ_CLS_HEADS
 from lorakit.lora.layers import LoraLayer, LoraLinear, is_conv1d, lora_layer_class
 from lorakit.quant.linear4bit import NF4Linear
 
+
 def name_matches(name: str, targets: str | list[str]) -> bool:
     """PEFT's rule: a string is a full-match regex; a list entry matches exactly or as a dotted suffix."""
     if isinstance(targets, str):

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorakit.model.adapter_files import LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, read_adapter_file
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.families import family
-from lorakit.model.targeting import layer_index_ok, name_matches, pattern_value
-from lorakit.modules import replace_module
 from lorakit.lora.dora import weight_norm
 from lorakit.lora.layers import WrapsBase, is_conv1d
+from lorakit.model.adapter_files import LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, read_adapter_file
+from lorakit.model.targeting import layer_index_ok, name_matches, pattern_value
+from lorakit.modules import replace_module
 
 _KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)")
 
@@ -189,7 +189,8 @@ def read_adapter(folder: str | os.PathLike, model: nn.Module) -> dict[str, _Modu
     the problem if the adapter cannot be served by a bank over this model."""
     folder = os.fspath(folder)
     config = LoraConfig.from_pretrained(folder)
-    if not os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) and os.path.isfile(os.path.join(folder, LEGACY_WEIGHTS_NAME)):
+    has = {name: os.path.isfile(os.path.join(folder, name)) for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME)}
+    if not has[WEIGHTS_NAME] and has[LEGACY_WEIGHTS_NAME]:
         raise ValueError(f"{folder}: the bank loads {WEIGHTS_NAME} only, this folder has {LEGACY_WEIGHTS_NAME}; "
                          "convert it (load with PeftModel and save_pretrained)")
     if config.modules_to_save:

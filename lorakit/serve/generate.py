@@ -7,8 +7,8 @@ seeded request gives the same tokens whatever else shares its batch.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from transformers import DynamicCache

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from lorakit.model.adapter_files import WEIGHTS_NAME
 from lorakit.config import CONFIG_NAME, LoraConfig
+from lorakit.model.adapter_files import WEIGHTS_NAME
 
 log = logging.getLogger("lorakit.serve")
 

@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lorakit.model.peft_model import PeftModel
 from lorakit.io import files
+from lorakit.model.peft_model import PeftModel
 
 PREFIX = "checkpoint-"
 RUN_FILE = "run.json"

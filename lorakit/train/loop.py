@@ -22,14 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from lorakit import data as datasets_
+from lorakit.data.encode import Encoded, EncodeReport, collate, encode_examples, loss_units
 from lorakit.io import files
+from lorakit.io.pretrained import load_config, load_model, load_tokenizer, position_limit, resolve_model_path
 from lorakit.memory.loss import IGNORE_INDEX
-from lorakit.data.encode import EncodeReport, Encoded, collate, encode_examples, loss_units
 from lorakit.train import checkpoints, distributed
 from lorakit.train.args import TrainArgs
 from lorakit.train.loss import batch_loss_sum
 from lorakit.train.metrics import METRICS_FILE, MetricsLog, plot_loss_curve
-from lorakit.io.pretrained import load_config, load_model, load_tokenizer, position_limit, resolve_model_path
 from lorakit.train.model import prepare_model, save_trained
 
 

@@ -15,7 +15,6 @@ from lorakit.families import family
 from lorakit.memory.loss import IGNORE_INDEX, FusedHeadCrossEntropy
 
 
-
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy in fp32: next-token for [B, T, V] logits, per example for [B, C]."""
     if logits.dim() == 3:

@@ -4,11 +4,10 @@ import torch
 import torch.nn.functional as F
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from helpers import build_model
 from lorakit import LoraConfig, get_peft_model
 from lorakit.memory import loss as lean_loss
 from lorakit.memory.loss import FusedHeadCrossEntropy, LeanCrossEntropy, causal_lm_loss
-
-from conftest import build_model
 
 
 @pytest.fixture(autouse=True)

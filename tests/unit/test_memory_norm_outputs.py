@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import lorakit
+from helpers import build_model, lean_train_step, model_inputs
 from lorakit.memory import norm_outputs as lean_norm
-
-from conftest import build_model, lean_train_step, model_inputs
 
 
 @pytest.mark.parametrize("arch,checkpointing,autocast", [

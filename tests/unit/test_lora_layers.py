@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from helpers import randomize
 from lorakit import LoraConv2d, LoraEmbedding, LoraLinear
 from lorakit.lora.delta import keep_mask
 from lorakit.lora.layers import LoraLayer, lora_layer_class
@@ -63,14 +64,6 @@ def wrap(base: nn.Module, name: str = "a", r: int = 3, alpha: float = 6.0, dropo
     if active:
         layer.active_adapters = [name]
     return layer.eval()
-
-
-def randomize(layer: LoraLayer, name: str = "a", seed: int = 3) -> None:
-    """Random values in every adapter tensor (including a DoRA magnitude), so nothing is at its init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.adapter_parameters(name).values():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
 
 
 def lora_AB(layer: LoraLayer, name: str = "a") -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +122,7 @@ def test_layer_output_and_delta_match_hand_reference(kind, use_rslora):
     before = base_state(base)
     x = make_input(kind)
     layer = wrap(base, r=3, alpha=5.0, use_rslora=use_rslora)
-    randomize(layer)
+    randomize(layer, "a", seed=3, scale=0.5)
     s = 5.0 / math.sqrt(3) if use_rslora else 5.0 / 3
     assert layer.scaling["a"] == pytest.approx(s, rel=1e-12)
     A, B = lora_AB(layer)
@@ -200,7 +193,7 @@ def test_property_layer_math(kind, d_in, d_out, r, alpha, use_rslora, bias, batc
     before = base_state(base)
     x = make_input(kind, d_in, batch=batch, hw=5)
     layer = wrap(base, r=r, alpha=alpha, use_rslora=use_rslora)
-    randomize(layer)
+    randomize(layer, "a", seed=3, scale=0.5)
     A, B = lora_AB(layer)
     s = alpha / math.sqrt(r) if use_rslora else alpha / r
     assert layer.scaling["a"] == pytest.approx(s, rel=1e-12)
@@ -238,7 +231,7 @@ def test_dora_output_matches_hand_reference(kind, bias):
     before = base_state(base)
     x = make_input(kind)
     layer = wrap(base, r=3, alpha=6.0, use_dora=True)
-    randomize(layer)  # magnitude away from ||W + sBA|| so the normalisation matters
+    randomize(layer, "a", seed=3, scale=0.5)  # magnitude away from ||W + sBA|| so the normalisation matters
     A, B = lora_AB(layer)
     m = layer.state_dict()["lora_magnitude_vector.a"]
     assert m.shape == (5,)
@@ -276,7 +269,7 @@ def test_property_dora(kind, d_in, d_out, r, alpha, use_rslora, bias):
     before = base_state(base)
     x = make_input(kind, d_in)
     layer = wrap(base, r=r, alpha=alpha, use_rslora=use_rslora, use_dora=True)
-    randomize(layer)
+    randomize(layer, "a", seed=3, scale=0.5)
     A, B = lora_AB(layer)
     s = alpha / math.sqrt(r) if use_rslora else alpha / r
     m = layer.state_dict()["lora_magnitude_vector.a"]
@@ -336,7 +329,7 @@ def test_dora_with_dropout_in_training(kind):
     before = base_state(base)
     x = make_input(kind)
     layer = wrap(base, r=2, alpha=3.0, dropout=0.5, use_dora=True).train()
-    randomize(layer)
+    randomize(layer, "a", seed=3, scale=0.5)
     A, B = lora_AB(layer)
     m = layer.state_dict()["lora_magnitude_vector.a"]
     W = before["weight"].T if kind == "conv1d" else before["weight"]
@@ -360,8 +353,8 @@ def test_two_active_adapters_add_up_and_merge_stack(kind):
     x = make_input(kind)
     layer = wrap(base, "a", r=2, alpha=4.0)
     layer.add_adapter("b", 3, 1.5, 0.0, True, False, False)
-    randomize(layer, "a", seed=10)
-    randomize(layer, "b", seed=11)
+    randomize(layer, "a", seed=10, scale=0.5)
+    randomize(layer, "b", seed=11, scale=0.5)
     (Aa, Ba), (Ab, Bb) = lora_AB(layer, "a"), lora_AB(layer, "b")
     sa, sb = 2.0, 1.5 / math.sqrt(3)
     ref = ref_base(kind, before, x)
@@ -427,7 +420,7 @@ def test_wrapper_shares_parameters_with_base(kind):
 def test_dtype_conversion_keeps_base_and_wrapper_in_sync(kind, convert):
     base = make_base(kind, dtype=torch.float32)
     layer = wrap(base)
-    randomize(layer)
+    randomize(layer, "a", seed=3, scale=0.5)
     x = make_input(kind, dtype=torch.float64)
     layer = layer.to(torch.float64) if convert == "to" else layer.double()
     assert layer.weight is layer.base_layer.weight

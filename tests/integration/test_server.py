@@ -4,54 +4,31 @@ import importlib.util
 import json
 import shutil
 import threading
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
-from conftest import save_tiny_causal_lm
 
+from helpers import GOOD_COMPLETION as GOOD
+from helpers import PROMPT, ROOT, add_misfit_adapter, running_server, serve_folders
 from lorakit.cli import main
 from lorakit.data.encode import render_chat
 
-ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = {"alpha": 1, "beta": 2}  # name -> seed
-TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def save_adapter(base_dir, folder, seed: int) -> None:
-    """A random (non-zero) LoRA adapter for the tiny model, saved in PEFT format."""
-    from transformers import AutoModelForCausalLM
-
-    from lorakit import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
-    model.save_pretrained(str(folder))
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 2 and 3."}]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    base = save_tiny_causal_lm(root / "tiny-llama")
-    adapters = root / "adapters"
-    for name, seed in ADAPTERS.items():
-        save_adapter(base, adapters / name, seed)
-    return base, adapters
+    return serve_folders(tmp_path_factory.mktemp("serve"), ADAPTERS)
 
 
 @pytest.fixture(scope="module")
 def server(setup):
-    from lorakit.serve.app import create_app
-    from lorakit.serve.server import ServeArgs, build_service, serve_in_thread
-
-    base, adapters = setup
-    service = build_service(ServeArgs(model=base, adapters=str(adapters), max_loaded_adapters=2,
-                                      max_tokens_limit=64, max_body_bytes=64 * 1024, batch_window_ms=50))
-    with serve_in_thread(create_app(service)) as url:
-        yield url, service
+    with running_server(*setup, max_loaded_adapters=2, max_tokens_limit=64, max_body_bytes=64 * 1024,
+                        batch_window_ms=50) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +62,6 @@ def alone(setup):
         return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     return generate
-
-
-PROMPT = "The quick brown fox"
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 2 and 3."}]
 
 
 def test_models_lists_the_base_and_every_adapter(client):
@@ -152,8 +125,12 @@ def test_concurrent_requests_for_mixed_adapters_equal_each_alone(client, alone):
 
 
 def test_seeded_sampling_is_reproducible(client):
-    ask = dict(model="alpha", prompt=PROMPT, max_tokens=10, temperature=1.5, seed=7)
-    assert client.completions.create(**ask).choices[0].text == client.completions.create(**ask).choices[0].text
+    """The same seed gives the same text, and other seeds other texts (greedy decoding, which ignores the
+    seed, would give one text for all three)."""
+    ask = dict(model="alpha", prompt=PROMPT, max_tokens=10, temperature=1.5)
+    sampled = {seed: client.completions.create(**ask, seed=seed).choices[0].text for seed in (7, 8, 9)}
+    assert client.completions.create(**ask, seed=7).choices[0].text == sampled[7]
+    assert len(set(sampled.values())) > 1
 
 
 def test_stop_sequence_ends_the_answer(client):
@@ -175,7 +152,6 @@ def test_health(server):
     assert httpx.get(server[0] + "/health").json()["status"] == "ok"
 
 
-GOOD = {"model": "alpha", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
 BAD_REQUESTS = {  # name: (path, body or raw bytes, status, param)
     "malformed JSON": ("/v1/completions", b'{"model": "alpha", "prompt": ', 400, None),
     "not an object": ("/v1/completions", b"[1, 2]", 400, None),
@@ -204,8 +180,6 @@ BAD_REQUESTS = {  # name: (path, body or raw bytes, status, param)
 @pytest.fixture(scope="module")
 def bad_adapters(setup, tmp_path_factory):
     """Adapter folders the server must refuse: a symlink out of the folder, .bin weights, a misfit."""
-    from safetensors.torch import save_file
-
     _, adapters = setup
     outside = tmp_path_factory.mktemp("outside") / "adapter"
     shutil.copytree(adapters / "alpha", outside)
@@ -213,10 +187,7 @@ def bad_adapters(setup, tmp_path_factory):
     (adapters / "pickled").mkdir()
     shutil.copy(adapters / "alpha" / "adapter_config.json", adapters / "pickled")
     (adapters / "pickled" / "adapter_model.bin").write_bytes(b"not loaded")
-    shutil.copytree(adapters / "alpha", adapters / "misfit")
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 7),
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 4)},
-              str(adapters / "misfit" / "adapter_model.safetensors"))
+    add_misfit_adapter(adapters)
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS)

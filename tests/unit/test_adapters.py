@@ -11,20 +11,12 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import ARCHS, build_model, model_inputs, model_output
-from lorakit import LoraConfig, PeftModel, get_peft_model
+from helpers import ARCHS, TARGETS, build_model, make_peft_model, model_inputs, model_output, randomize
+from lorakit import LoraConfig, PeftModel
 from lorakit.lora.layers import LoraLayer, ModulesToSave, WrapsBase
 
 ATOL = 1e-5
-# Linear (Conv1D for GPT-2) targets of each architecture; qwen2's q/k/v carry a bias.
-TARGETS = {
-    "llama": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj"],
-    "gpt2": ["c_attn", "c_proj"],
-    "bert": ["query", "value"],
-    "vit": ["q_proj", "v_proj"],
-}
-# Cases beyond plain Linear: nn.Embedding and nn.Conv2d targets (and a mix).
+# Cases beyond plain Linear (helpers.TARGETS): nn.Embedding and nn.Conv2d targets (and a mix).
 SPECIAL = {
     "llama-embedding": ("llama", ["embed_tokens", "q_proj"]),
     "gpt2-embedding": ("gpt2", ["wpe", "c_fc"]),
@@ -34,11 +26,6 @@ CASES = {**{a: (a, TARGETS[a]) for a in ARCHS}, **SPECIAL}
 
 
 # --- helpers --------------------------------------------------------------------------------------
-def make(arch: str, targets=None, adapter_name: str = "default", **cfg) -> PeftModel:
-    config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": targets or TARGETS[arch], **cfg})
-    return get_peft_model(build_model(arch), config, adapter_name=adapter_name)
-
-
 def run(model, arch: str, dtype=None) -> torch.Tensor:
     inputs = model_inputs(arch)
     if dtype is not None and "pixel_values" in inputs:
@@ -50,22 +37,6 @@ def run(model, arch: str, dtype=None) -> torch.Tensor:
 def base_output(arch: str, dtype=None) -> torch.Tensor:
     model = build_model(arch)
     return run(model if dtype is None else model.to(dtype), arch, dtype)
-
-
-def randomize(model, adapter_name: str, seed: int = 0, scale: float = 0.3) -> None:
-    """Random values in every tensor of one adapter (LoRA factors, DoRA magnitudes, modules_to_save
-    copies), so nothing sits at its init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            parts = name.split(".")
-            if adapter_name not in parts:
-                continue
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale
-            if "lora_magnitude_vector" in parts or "modules_to_save" in parts:
-                p.add_(noise)
-            else:
-                p.copy_(noise)
 
 
 def lora_paths(peft_model) -> dict[str, LoraLayer]:
@@ -122,28 +93,28 @@ def plain_modules_only(model: nn.Module) -> bool:
 def test_init_output_equals_base(case, init):
     arch, targets = CASES[case]
     expected = base_output(arch)
-    model = make(arch, targets, init_lora_weights=init)
+    model = make_peft_model(arch, targets, init_lora_weights=init)
     assert lora_paths(model), "nothing was adapted"
     assert torch.equal(run(model, arch), expected)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_dora_init_output_equals_base(arch):
-    model = make(arch, use_dora=True)
+    model = make_peft_model(arch, use_dora=True)
     torch.testing.assert_close(run(model, arch), base_output(arch), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_init_false_changes_output(case):
     arch, targets = CASES[case]
-    got = run(make(arch, targets, init_lora_weights=False), arch)
+    got = run(make_peft_model(arch, targets, init_lora_weights=False), arch)
     assert_differs(got, base_output(arch))
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_output_matches_hand_reference(case):
     arch, targets = CASES[case]
-    model = make(arch, targets, init_lora_weights=False, use_rslora=(arch == "bert"))
+    model = make_peft_model(arch, targets, init_lora_weights=False, use_rslora=(arch == "bert"))
     randomize(model, "default")
     expected = run(hand_reference_model(arch, model, ["default"]), arch)
     torch.testing.assert_close(run(model, arch), expected, atol=ATOL, rtol=0)
@@ -173,7 +144,7 @@ TRAIN_CASES = {
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
 def test_only_adapter_parameters_get_gradients_and_move(case):
     arch, cfg, should_train = TRAIN_CASES[case]
-    model = make(arch, **{"init_lora_weights": False, **cfg})
+    model = make_peft_model(arch, **{"init_lora_weights": False, **cfg})
     inner = model.get_base_model()
     expected = {n for n, _ in inner.named_parameters() if should_train(n)}
     assert expected and any(".lora_" in n for n in expected)
@@ -207,7 +178,7 @@ MERGE_CASES = {**{f"{c}-lora": (c, False) for c in CASES}, **{f"{a}-dora": (a, T
 def test_merge_equals_unmerged_and_unmerge_restores(case):
     name, use_dora = MERGE_CASES[case]
     arch, targets = CASES[name]
-    model = make(arch, targets, init_lora_weights=False, use_dora=use_dora)
+    model = make_peft_model(arch, targets, init_lora_weights=False, use_dora=use_dora)
     randomize(model, "default", scale=0.2)
     inner = model.get_base_model()
     original = {k: v.clone() for k, v in inner.state_dict().items() if "lora_" not in k}
@@ -229,7 +200,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(case):
 
 
 def test_merged_weight_is_base_plus_hand_delta():
-    model = make("gpt2", ["c_attn", "c_fc"], init_lora_weights=False)
+    model = make_peft_model("gpt2", ["c_attn", "c_fc"], init_lora_weights=False)
     randomize(model, "default")
     inner = model.get_base_model()
     expected = {p: layer.weight.detach() + hand_delta(layer, "default", model.peft_config["default"])
@@ -241,7 +212,7 @@ def test_merged_weight_is_base_plus_hand_delta():
 
 def test_several_adapters_merge_stack_and_unmerge_in_reverse():
     arch = "llama"
-    model = make(arch, init_lora_weights=False)
+    model = make_peft_model(arch, init_lora_weights=False)
     model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, use_rslora=True,
                                            target_modules=["q_proj", "k_proj"]))
     model.add_adapter("third", LoraConfig(r=3, lora_alpha=6, init_lora_weights=False, use_dora=True,
@@ -279,7 +250,7 @@ def test_several_adapters_merge_stack_and_unmerge_in_reverse():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_safe_merge_refuses_non_finite_and_leaves_weight(bad):
-    model = make("qwen2", init_lora_weights=False)
+    model = make_peft_model("qwen2", init_lora_weights=False)
     layers = lora_paths(model)
     path, layer = next(iter(layers.items()))  # the first layer merged
     with torch.no_grad():
@@ -322,7 +293,7 @@ def shift_biases(model, amount):
 @pytest.mark.parametrize("case", list(MERGE_UNLOAD_CASES))
 def test_merge_and_unload_gives_plain_model_with_same_output(case):
     arch, cfg = MERGE_UNLOAD_CASES[case]
-    model = make(arch, **{"init_lora_weights": False, **cfg})
+    model = make_peft_model(arch, **{"init_lora_weights": False, **cfg})
     randomize(model, "default", scale=0.2)
     if cfg.get("bias") == "all":
         shift_biases(model, 0.1)
@@ -340,7 +311,7 @@ def test_merge_and_unload_gives_plain_model_with_same_output(case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_unload_returns_base_model(case):
     arch, targets = CASES[case]
-    model = make(arch, targets, init_lora_weights=False)
+    model = make_peft_model(arch, targets, init_lora_weights=False)
     randomize(model, "default")
     plain = model.unload()
     assert plain_modules_only(plain)
@@ -361,7 +332,7 @@ DISABLE_CASES = {**{a: (a, {}) for a in ARCHS}, "bert-seqcls": ("bert", dict(tas
 @pytest.mark.parametrize("case", list(DISABLE_CASES))
 def test_disable_adapter_gives_base_output_and_restores(case, merged):
     arch, cfg = DISABLE_CASES[case]
-    model = make(arch, **{"init_lora_weights": False, **cfg})
+    model = make_peft_model(arch, **{"init_lora_weights": False, **cfg})
     randomize(model, "default", scale=0.2)
     base = base_output(arch)
     adapted = run(model, arch)
@@ -390,7 +361,7 @@ def _adapter_params(model, name: str) -> set[str]:
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "vit"])
 def test_many_adapters_activation_outputs_and_trainables(arch):
     other_targets = {"llama": ["k_proj", "q_proj"], "gpt2": ["c_attn", "c_fc"], "vit": ["projection", "q_proj"]}
-    model = make(arch, init_lora_weights=False)
+    model = make_peft_model(arch, init_lora_weights=False)
     randomize(model, "default", seed=1)
     only_default = run(model, arch)
 
@@ -427,7 +398,7 @@ def test_many_adapters_activation_outputs_and_trainables(arch):
 @pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
 def test_delete_adapter_removes_every_trace(arch):
     cfg = dict(task_type="SEQ_CLS") if arch == "bert" else {}
-    model = make(arch, init_lora_weights=False, **cfg)
+    model = make_peft_model(arch, init_lora_weights=False, **cfg)
     randomize(model, "default", seed=1)
     only_default = run(model, arch)
     model.add_adapter("extra", LoraConfig(r=3, lora_alpha=3, init_lora_weights=False, use_dora=True,
@@ -452,7 +423,7 @@ def test_delete_adapter_removes_every_trace(arch):
 def test_delete_all_adapters_then_unload_gives_original_state(arch):
     cfg = dict(task_type="SEQ_CLS") if arch == "bert" else \
         dict(modules_to_save=["classifier"]) if arch == "vit" else {}
-    model = make(arch, init_lora_weights=False, **cfg)
+    model = make_peft_model(arch, init_lora_weights=False, **cfg)
     model.add_adapter("b", LoraConfig(r=2, init_lora_weights=False, target_modules=TARGETS[arch], **cfg))
     randomize(model, "default", seed=1)
     randomize(model, "b", seed=2)
@@ -473,7 +444,7 @@ def test_delete_all_adapters_then_unload_gives_original_state(arch):
 def test_deleting_the_active_adapter_activates_a_remaining_one():
     """As PEFT: when the only active adapter is deleted, the first remaining adapter (by name) takes over."""
     arch = "llama"
-    model = make(arch, init_lora_weights=False)
+    model = make_peft_model(arch, init_lora_weights=False)
     for name in ("zeta", "beta"):
         model.add_adapter(name, LoraConfig(r=2, init_lora_weights=False, target_modules=["k_proj", "q_proj"]))
         randomize(model, name, seed=len(name))
@@ -501,7 +472,7 @@ def test_set_adapter_while_merged_unmerges_first():
     """As PEFT: switching adapters on a merged model takes the merged adapter out of the weights first;
     otherwise its delta would stay in the weights beside the newly active adapter."""
     arch = "llama"
-    model = make(arch, init_lora_weights=False)
+    model = make_peft_model(arch, init_lora_weights=False)
     model.add_adapter("other", LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj", "k_proj"]))
     randomize(model, "default", seed=1)
     randomize(model, "other", seed=2)
@@ -524,7 +495,7 @@ def test_set_adapter_while_merged_unmerges_first():
 def test_added_inactive_adapter_bias_setting_trains_nothing(first, second):
     """Trainable = the active adapters only: an added (inactive) adapter's `bias` does not unfreeze biases,
     and does not refreeze the biases the active adapter trains (PEFT's rule)."""
-    model = make("bert", bias=first)
+    model = make_peft_model("bert", bias=first)
     first_biases = {n for n, _ in model.get_base_model().named_parameters()
                     if n.endswith(".bias") and ".lora_" not in n} if first == "all" else set()
     assert _trainable(model) == _adapter_params(model, "default") | first_biases
@@ -543,7 +514,7 @@ def test_base_state_dict_loads_into_adapted_model(case):
     arch, targets = KEY_CASES[case]
     extra = dict(task_type="SEQ_CLS") if case == "bert-seqcls" else \
         dict(modules_to_save=["classifier"]) if case == "vit-save" else {}
-    model = make(arch, targets, init_lora_weights=False, **extra)
+    model = make_peft_model(arch, targets, init_lora_weights=False, **extra)
     inner = model.get_base_model()
     ref_sd = build_model(arch).state_dict()
     sd = inner.state_dict()
@@ -579,7 +550,7 @@ ROUNDTRIP_CASES = {
 @pytest.mark.parametrize("case", list(ROUNDTRIP_CASES))
 def test_save_and_load_roundtrip(case, tmp_path):
     arch, cfg = ROUNDTRIP_CASES[case]
-    model = make(arch, **{"init_lora_weights": False, **cfg})
+    model = make_peft_model(arch, **{"init_lora_weights": False, **cfg})
     randomize(model, "default")
     if cfg.get("bias") == "all":
         shift_biases(model, 0.25)
@@ -596,7 +567,7 @@ def test_save_and_load_roundtrip(case, tmp_path):
 
 def test_two_adapters_roundtrip_with_subfolder(tmp_path):
     arch = "llama"
-    model = make(arch, init_lora_weights=False)
+    model = make_peft_model(arch, init_lora_weights=False)
     model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, use_rslora=True,
                                           target_modules=["k_proj", "down_proj"]))
     randomize(model, "default", seed=1)
@@ -621,7 +592,7 @@ def test_two_adapters_roundtrip_with_subfolder(tmp_path):
 
 # --- parameter counts -----------------------------------------------------------------------------
 def test_print_trainable_parameters_format(capsys):
-    model = make("llama", r=16, lora_alpha=16)
+    model = make_peft_model("llama", r=16, lora_alpha=16)
     # per decoder layer: q_proj 32 -> 32 and v_proj 32 -> 16 (2 kv heads of 8): r * (in + out) each
     trainable = 2 * (16 * (32 + 32) + 16 * (32 + 16))
     total = sum(p.numel() for p in build_model("llama").parameters()) + trainable
@@ -635,7 +606,7 @@ def test_print_trainable_parameters_format(capsys):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_trainable_parameter_counts(arch, capsys):
     base_total = sum(p.numel() for p in build_model(arch).parameters())  # tied weights count once
-    model = make(arch, r=2)
+    model = make_peft_model(arch, r=2)
     lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     assert lora > 0
     assert model.get_nb_trainable_parameters() == (lora, base_total + lora)
@@ -666,7 +637,7 @@ DTYPE_CASES = {
 @pytest.mark.parametrize("case", list(DTYPE_CASES))
 def test_dtype_conversion_keeps_base_and_wrapper_in_sync(case, convert):
     arch, targets = DTYPE_CASES[case]
-    model = make(arch, targets, init_lora_weights=False)
+    model = make_peft_model(arch, targets, init_lora_weights=False)
     randomize(model, "default")
     model = model.to(torch.float64) if convert == "to" else model.double()
     for name, p in model.named_parameters():

@@ -5,10 +5,8 @@ import re
 import sys
 
 import pytest
-import torch
-from conftest import alpaca_rows, save_tiny_causal_lm, write_jsonl
-from test_train import _fail_at, adapter_weights, quick_args
 
+from helpers import adapter_weights, alpaca_rows, assert_same_weights, fail_at, quick_args, write_jsonl
 from lorakit.cli import main
 from lorakit.train import loop
 from lorakit.train.args import parse_train_args
@@ -46,7 +44,7 @@ def test_resume_never_takes_another_runs_checkpoint(tiny_lm_dir, alpaca_file, tm
     out = tmp_path / "reused"
     loop.train(parse_train_args(quick_args(tiny_lm_dir, alpaca_file, out, max_steps=6)))  # run A: 2, 4
     again = quick_args(tiny_lm_dir, alpaca_file, out, max_steps=6, save_total_limit=1)
-    _fail_at(monkeypatch, 2, RuntimeError("crash"))  # run B dies in step 2, no checkpoint
+    fail_at(monkeypatch, 2, RuntimeError("crash"))  # run B dies in step 2, no checkpoint
     with pytest.raises(RuntimeError):
         loop.train(parse_train_args(again + ["--overwrite"]))
     monkeypatch.undo()
@@ -54,7 +52,7 @@ def test_resume_never_takes_another_runs_checkpoint(tiny_lm_dir, alpaca_file, tm
         loop.train(parse_train_args(again + ["--resume"]))
     with pytest.raises(ValueError, match=r"checkpoint-4 belongs to run \w+, but .* last used by run \w+"):
         loop.train(parse_train_args(again + ["--resume", str(out / "checkpoint-4")]))
-    _fail_at(monkeypatch, 2, KeyboardInterrupt())  # run C: Ctrl-C in step 2 saves checkpoint-1
+    fail_at(monkeypatch, 2, KeyboardInterrupt())  # run C: Ctrl-C in step 2 saves checkpoint-1
     with pytest.raises(KeyboardInterrupt):
         loop.train(parse_train_args(again + ["--overwrite", "--save_steps", "100"]))
     monkeypatch.undo()
@@ -86,16 +84,10 @@ def test_resume_into_a_new_folder(tiny_lm_dir, alpaca_file, tmp_path):
     moved = tmp_path / "moved"
     loop.train(parse_train_args(quick_args(tiny_lm_dir, alpaca_file, moved, max_steps=4)
                                 + ["--resume", str(expected / "checkpoint-2")]))
-    for key, value in adapter_weights(expected).items():
-        torch.testing.assert_close(adapter_weights(moved)[key], value, rtol=0, atol=1e-6)
+    assert_same_weights(adapter_weights(moved), adapter_weights(expected))
 
 
 # --- examples longer than the model's positions -------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_gpt2_dir(tmp_path_factory) -> str:
-    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-gpt2"), arch="gpt2")  # n_positions 256
-
 
 def test_max_length_is_clamped_to_the_models_positions(tiny_gpt2_dir, tmp_path, capsys):
     rows = [{"instruction": f"Add {i} and {i}.", "output": "word " * 300} for i in range(4)]
@@ -208,9 +200,15 @@ def test_ms_swift_spellings(alias, value, field, expected, tmp_path):
 
 
 def test_use_dora_trains_dora(tiny_lm_dir):
-    from lorakit.train.model import lora_config
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.train.model import lora_config, prepare_model
 
     assert lora_config(parse_train_args(["--use_dora"]), "causal_lm").use_dora
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), parse_train_args(["--use_dora"]),
+                          "causal_lm")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n for n in trainable)  # the DoRA magnitudes are among what trains
     assert parse_train_args(["--train_type", "qlora", "--use_dora"]).quantize
     with pytest.raises(ValueError, match="--use_dora needs --train_type lora"):
         parse_train_args(["--train_type", "full", "--use_dora"])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import build_model
+from helpers import build_model
 from lorakit import LoraConfig, get_peft_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

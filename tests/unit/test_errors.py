@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_model, model_inputs, model_output
+from helpers import adapter_model, build_model, model_inputs, model_output
 from lorakit import LoraConfig, PeftModel, get_peft_model
 
 
 def _saved_adapter(tmp_path, arch="llama", **config):
-    model = get_peft_model(build_model(arch), LoraConfig(r=4, target_modules="all-linear",
-                                                         init_lora_weights=False, **config))
+    """(the model, its folder): a nonzero all-linear r=4 adapter saved in tmp_path/adapter."""
+    model = adapter_model(arch, r=4, target_modules="all-linear", **config)
     model.save_pretrained(tmp_path / "adapter")
     return model, tmp_path / "adapter"
 
@@ -50,12 +50,10 @@ def test_invalid_config_values(fields, message):
 
 
 def test_adapter_with_other_dimensions_names_module_and_shapes(tmp_path):
-    import transformers as tf
-
     _, adapter = _saved_adapter(tmp_path)
-    wider = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=48,
-                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(ValueError, match=r"model.layers.0.*lora_B.weight has shape \(32, 4\) in the file but \(48, 4\) in the model"):
+    wider = build_model("llama", hidden_size=48)
+    expected = r"model.layers.0.*lora_B.weight has shape \(32, 4\) in the file but \(48, 4\) in the model"
+    with pytest.raises(ValueError, match=expected):
         PeftModel.from_pretrained(wider, adapter)
 
 
@@ -120,8 +118,13 @@ def test_unknown_adapter_names():
 
 
 class _Payload:
+    """Unpickling it creates the file at `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
     def __reduce__(self):
-        return (os.system, ("echo pwned",))
+        return (open, (self.marker, "w"))
 
 
 def test_bin_adapter_is_never_unpickled(tmp_path):
@@ -133,10 +136,12 @@ def test_bin_adapter_is_never_unpickled(tmp_path):
     inputs = model_inputs("llama")
     assert torch.allclose(model_output(loaded, inputs), model_output(trained.eval(), inputs), atol=1e-6)
 
+    marker = tmp_path / "unpickled"
     with open(adapter / "adapter_model.bin", "wb") as f:
-        pickle.dump({"x": _Payload()}, f)
+        pickle.dump({"x": _Payload(marker)}, f)
     with pytest.raises(ValueError, match=r"cannot be read as a weights-only torch file.*never unpickles"):
         PeftModel.from_pretrained(build_model("llama"), adapter)
+    assert not marker.exists()  # the payload never ran
 
 
 def test_failed_load_adapter_leaves_model_unchanged(tmp_path):

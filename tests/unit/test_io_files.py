@@ -41,8 +41,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 
 
 def test_a_saved_4bit_model_gets_the_umask_mode(tmp_path, umask_027):
-    from conftest import build_model
-
+    from helpers import build_model
     from lorakit.io.checkpoint4bit import save_nf4
     from lorakit.quant.linear4bit import quantize_linears
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "peft_quickstart.py"
+from helpers import ROOT
+
+SCRIPT = ROOT / "examples" / "peft_quickstart.py"
 
 
 def _run(script: Path, tmp_path: Path) -> str:

@@ -3,8 +3,8 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import save_tiny_causal_lm
-from lorakit import LoraConfig, PeftModel, get_peft_model
+from helpers import save_adapter
+from lorakit import PeftModel
 from lorakit.serve import AdapterBank, GenerationRequest, generate_batch
 
 PROMPTS = ["The quick brown fox", "Add the two", "What is the capital of France?", "def"]
@@ -12,15 +12,11 @@ PROMPTS = ["The quick brown fox", "Add the two", "What is the capital of France?
 
 def make_setup(model_dir: str, attention: list[str], tmp_path_factory):
     """(model folder, tokenizer, {adapter: folder}): a tiny LM with a real BPE tokenizer, two adapters."""
-    folders = {}
-    for seed, (name, config) in enumerate({
-        "qv": LoraConfig(r=4, lora_alpha=8, target_modules=attention, init_lora_weights=False),
-        "all": LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True, init_lora_weights=False),
-    }.items()):
-        torch.manual_seed(seed)
-        model = get_peft_model(tf.AutoModelForCausalLM.from_pretrained(model_dir), config)
-        folders[name] = str(tmp_path_factory.mktemp(name))
-        model.save_pretrained(folders[name])
+    folders = {
+        "qv": save_adapter(model_dir, tmp_path_factory.mktemp("qv"), 0, r=4, lora_alpha=8, target_modules=attention),
+        "all": save_adapter(model_dir, tmp_path_factory.mktemp("all"), 1, r=8, lora_alpha=16,
+                            target_modules="all-linear", use_dora=True),
+    }
     return model_dir, tf.AutoTokenizer.from_pretrained(model_dir), folders
 
 
@@ -30,8 +26,8 @@ def setup(tiny_lm_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gpt2_setup(tmp_path_factory):
-    return make_setup(save_tiny_causal_lm(tmp_path_factory.mktemp("gpt2"), "gpt2"), ["c_attn"], tmp_path_factory)
+def gpt2_setup(tiny_gpt2_dir, tmp_path_factory):
+    return make_setup(tiny_gpt2_dir, ["c_attn"], tmp_path_factory)
 
 
 def make_bank(setup) -> AdapterBank:

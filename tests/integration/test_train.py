@@ -4,37 +4,23 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import alpaca_rows, save_tiny_bert_classifier, write_jsonl
-from safetensors.torch import load_file
 
+from helpers import (
+    SENTIMENT,
+    adapter_weights,
+    alpaca_rows,
+    assert_same_weights,
+    fail_at,
+    quick_args,
+    save_tiny_bert_classifier,
+    write_jsonl,
+)
 from lorakit.cli import main
 from lorakit.train import loop
 from lorakit.train.args import TrainArgs, parse_train_args
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def quick_args(model: str, dataset: str, out, **overrides) -> list[str]:
-    """Flags for a few-second run on the tiny model."""
-    flags = {"model": model, "dataset": dataset, "output_dir": str(out), "max_steps": 6,
-             "per_device_train_batch_size": 4, "learning_rate": 1e-2, "lora_rank": 4, "lora_alpha": 8,
-             "save_steps": 2, "save_total_limit": 10, "logging_steps": 1, "report_to": "none",
-             "val_split_ratio": 0, "seed": 7, **overrides}
-    return [part for key, value in flags.items() for part in (f"--{key}", str(value))]
-
-
-def adapter_weights(folder) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(folder) / "adapter_model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
 
 
 def test_swift_style_command_writes_an_adapter_peft_loads(tiny_lm_dir, alpaca_file, tmp_path):
@@ -159,13 +145,6 @@ def test_loraplus_gives_b_a_larger_learning_rate(tiny_lm_dir):
     assert not any("lora_B" in names[id(p)] for p in groups[0]["params"])
 
 
-SENTIMENT = [("a wonderful, moving film", "pos"), ("great acting and a lovely story", "pos"),
-             ("I loved every minute", "pos"), ("brilliant and funny", "pos"), ("a joy to watch", "pos"),
-             ("superb direction, beautiful score", "pos"), ("dull, boring and far too long", "neg"),
-             ("a terrible waste of time", "neg"), ("I hated it", "neg"), ("awful acting, no plot", "neg"),
-             ("painfully bad and tedious", "neg"), ("the worst film this year", "neg")]
-
-
 def test_classification_on_minilm_reports_accuracy(tmp_path):
     data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": label} for t, label in SENTIMENT * 2])
     val = write_jsonl(tmp_path / "val.jsonl", [{"text": "what a lovely, wonderful story", "label": "pos"},
@@ -237,27 +216,11 @@ def _reference(tiny_lm_dir, alpaca_file, tmp_path, **overrides):
     return adapter_weights(out)
 
 
-def _fail_at(monkeypatch, call: int, error):
-    """Make the call-th batch loss computation fail (calls counted from 1)."""
-    real, calls = loop.batch_loss_sum, {"n": 0}
-
-    def failing(model, batch, *options):
-        calls["n"] += 1
-        if calls["n"] == call and torch.is_grad_enabled():
-            if error == "nan":
-                loss, logits = real(model, batch, *options)
-                return loss * float("nan"), logits
-            raise error
-        return real(model, batch, *options)
-
-    monkeypatch.setattr(loop, "batch_loss_sum", failing)
-
-
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_lm_dir, alpaca_file, tmp_path, monkeypatch):
     expected = _reference(tiny_lm_dir, alpaca_file, tmp_path, save_steps=100)
     out = tmp_path / "interrupted"
     args = quick_args(tiny_lm_dir, alpaca_file, out, lora_dropout=0.1, save_steps=100)
-    _fail_at(monkeypatch, 4, KeyboardInterrupt())  # during step 4, after 3 complete steps
+    fail_at(monkeypatch, 4, KeyboardInterrupt())  # during step 4, after 3 complete steps
     with pytest.raises(KeyboardInterrupt):
         loop.train(parse_train_args(args))
     assert (out / "checkpoint-3").is_dir() and not (out / "adapter_model.safetensors").exists()
@@ -268,7 +231,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_lm_dir, alpaca_file, 
 
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(tiny_lm_dir, alpaca_file, tmp_path, monkeypatch):
     out = tmp_path / "nan"
-    _fail_at(monkeypatch, 5, "nan")
+    fail_at(monkeypatch, 5, "nan")
     with pytest.raises(loop.TrainingDiverged, match=r"loss became nan at step 5.*checkpoint-4"):
         loop.train(parse_train_args(quick_args(tiny_lm_dir, alpaca_file, out)))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
@@ -359,25 +322,6 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_lm_dir, tmp_pat
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(set(lines))  # one writer: no record written twice
     assert double.stdout.count("done:") == 1
-
-
-def test_wrapped_model_trains_with_transformers_trainer(tiny_lm_dir, tmp_path):
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-
-    import lorakit
-
-    model = lorakit.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_lm_dir),
-                                   lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    frozen = model.base_model.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    rows = [{"input_ids": [1, 5 + i, 6 + i, 7 + i], "labels": [1, 5 + i, 6 + i, 7 + i]} for i in range(8)]
-    trainer = Trainer(model=model, train_dataset=rows,
-                      args=TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=2, learning_rate=1e-2,
-                                             per_device_train_batch_size=2, report_to=[], use_cpu=True,
-                                             save_strategy="no"))
-    assert trainer.train().global_step == 2
-    layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    assert layer.lora_B["default"].weight.abs().sum() > 0
-    assert torch.equal(layer.weight, frozen)
 
 
 @pytest.mark.slow

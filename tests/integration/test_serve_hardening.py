@@ -10,13 +10,12 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import save_tiny_causal_lm
 from safetensors.torch import save_file
-from test_server import PROMPT, save_adapter
 
+from helpers import GOOD_COMPLETION as GOOD
+from helpers import PROMPT, add_misfit_adapter, running_server, serve_folders
 from lorakit.serve.generate import GenerationRequest, _Row
 
-GOOD = {"model": "alpha", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
 BROKEN = {  # adapter folder -> what is wrong with it
     "broken-config": "not valid JSON",
     "int-weights": "not floating point",
@@ -28,9 +27,7 @@ BROKEN = {  # adapter folder -> what is wrong with it
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("hardening")
-    base = save_tiny_causal_lm(root / "tiny-llama")
-    adapters = root / "adapters"
-    save_adapter(base, adapters / "alpha", 1)
+    base, adapters = serve_folders(root, {"alpha": 1})
     for name in [*BROKEN, "nan"]:
         shutil.copytree(adapters / "alpha", adapters / name)
     (adapters / "broken-config" / "adapter_config.json").write_text("{not json")
@@ -47,13 +44,9 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(setup):
-    from lorakit.serve.app import create_app
-    from lorakit.serve.server import ServeArgs, build_service, serve_in_thread
-
     _, base, adapters = setup
-    service = build_service(ServeArgs(model=base, adapters=str(adapters), max_tokens_limit=64, body_timeout_s=1))
-    with serve_in_thread(create_app(service)) as url:
-        yield url, service
+    with running_server(base, adapters, max_tokens_limit=64, body_timeout_s=1) as running:
+        yield running
 
 
 def post(server, body, **kwargs):
@@ -117,11 +110,7 @@ def test_long_model_name_is_404_without_server_paths(server, setup):
 @pytest.mark.parametrize("name", [*BROKEN, "misfit"])
 def test_an_adapter_that_cannot_load_fails_its_request_without_server_paths(server, setup, name):
     if name == "misfit":  # right tensors, wrong shapes (the bank's own check)
-        adapters = setup[2]
-        shutil.copytree(adapters / "alpha", adapters / "misfit", dirs_exist_ok=True)
-        save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 7),
-                   "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 4)},
-                  str(adapters / "misfit" / "adapter_model.safetensors"))
+        add_misfit_adapter(setup[2])
     reply = post(server, {**GOOD, "model": name})
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
@@ -230,4 +219,6 @@ def test_null_max_tokens_means_the_documented_default(server):
     ask = {"model": "alpha", "prompt": PROMPT, "temperature": 0}
     default, null = post(server, ask).json(), post(server, {**ask, "max_tokens": None}).json()
     assert null["choices"][0]["text"] == default["choices"][0]["text"]
-    assert null["usage"]["completion_tokens"] == default["usage"]["completion_tokens"] <= 16
+    # cut by the length, not by an EOS, so the 16 is the default's doing
+    assert null["usage"]["completion_tokens"] == default["usage"]["completion_tokens"] == 16
+    assert null["choices"][0]["finish_reason"] == default["choices"][0]["finish_reason"] == "length"

@@ -5,25 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_model
-from lorakit import LoraConfig, PeftModel, get_peft_model
+from helpers import build_model, save_adapter
+from lorakit import PeftModel
 from lorakit.serve import AdapterBank
 
 ATTN = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 MLP = {"llama": ["gate_proj", "up_proj", "down_proj"], "qwen2": ["gate_proj", "up_proj", "down_proj"],
        "gpt2": ["c_fc", "mlp.c_proj"]}
-
-
-def save_adapter(arch: str, folder, seed: int, **config) -> str:
-    """A trained-looking adapter (B and, for DoRA, the magnitude not at their initial values)."""
-    torch.manual_seed(seed)
-    model = get_peft_model(build_model(arch), LoraConfig(init_lora_weights=False, **config))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.3 * torch.rand_like(p))
-    model.save_pretrained(str(folder))
-    return str(folder)
 
 
 def adapters_for(arch: str, tmp_path) -> dict[str, str]:

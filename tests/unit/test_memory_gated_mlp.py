@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import lorakit
+from helpers import build_model, lean_train_step
 from lorakit.memory.gated_mlp import GatedProduct
-
-from conftest import build_model, lean_train_step
 
 
 def test_gated_product_gradients_equal_autograd():
@@ -33,8 +32,8 @@ def test_lean_mlp_keeps_gradients_and_saves_less(arch, checkpointing):
     results = []
     for without in (None, "gated_mlp"):
         saved = []
-        counting = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                            lambda t: t)
+        counting = torch.autograd.graph.saved_tensors_hooks(
+            lambda t, saved=saved: saved.append(t.numel() * t.element_size()) or t, lambda t: t)
         loss, grads = lean_train_step(arch, without, checkpointing, outer_hooks=counting)
         results.append((loss, grads, sum(saved)))
     (loss_lean, grads_lean, saved_lean), (loss_plain, grads_plain, saved_plain) = results

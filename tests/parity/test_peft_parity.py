@@ -2,67 +2,23 @@
 numerics and merging. PEFT is a test dependency only; lorakit never imports it."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
+from functools import partial
 
 import peft
 import pytest
 import torch
-from safetensors import safe_open
 from torch import nn
 
 import lorakit
+from helpers import ARCHS, adapter_config, adapter_weights, build_model, make_peft_model, model_inputs, model_output
 from lorakit.train.loss import batch_loss_sum
-from conftest import ARCHS, build_model, model_inputs
 
 ATOL = 1e-5
-
-
-# --- models and inputs ------------------------------------------------------------------------
-class TinyConvNet(nn.Module):
-    """A custom (non-transformers) model with Conv2d layers: kernel 3, 1x1, and a strided kernel 3, and a
-    parameter whose name ends in "bias" without being a `.bias` (PEFT's bias="all" leaves it alone)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 1)
-        self.conv3 = nn.Conv2d(8, 6, 3, stride=2, padding=1)
-        self.head = nn.Linear(6, 3)
-        self.logit_bias = nn.Parameter(torch.zeros(3))
-
-    def forward(self, pixel_values):
-        h = torch.relu(self.conv1(pixel_values))
-        h = torch.relu(self.conv2(h))
-        h = self.conv3(h)
-        return self.head(h.mean(dim=(2, 3))) + self.logit_bias
-
-
-def build(arch: str, seed: int = 0) -> nn.Module:
-    """The same base weights every call (for a given seed). Biases are made nonzero (transformers
-    initialises them to 0), so code that mishandles a layer's bias (DoRA, bias=...) shows."""
-    if arch == "conv":
-        torch.manual_seed(seed)
-        model = TinyConvNet().eval()
-    else:
-        model = build_model(arch, seed)
-    g = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def inputs_for(arch: str) -> dict[str, torch.Tensor]:
-    return model_inputs("vit" if arch == "conv" else arch)
-
-
-def output(model, inputs) -> torch.Tensor:
-    out = model(**inputs)
-    return out if isinstance(out, torch.Tensor) else out.logits
+# Every base model here has its biases moved off zero, so code that mishandles a layer's bias shows.
+biased_model = partial(build_model, nonzero_biases=True)
 
 
 # --- the configurations checked ---------------------------------------------------------------
@@ -111,20 +67,15 @@ CASES: dict[str, tuple[str, dict, str]] = {
     "gaussian-init-dropout": ("qwen2", dict(r=4, lora_alpha=8, init_lora_weights="gaussian", lora_dropout=0.1),
                               "default"),
 }
-
-
-def make(lib: str, arch: str, cfg: dict, adapter_name: str):
-    """get_peft_model from lorakit or PEFT on a fresh base model."""
-    mod = lorakit if lib == "lorakit" else peft
-    config = mod.LoraConfig(**{"lora_dropout": 0.0, **cfg})
-    return mod.get_peft_model(build(arch), config, adapter_name=adapter_name)
+# A case that names no target_modules leaves them to each library's default (not helpers.TARGETS).
+CASES = {name: (arch, {"target_modules": None, **cfg}, adapter) for name, (arch, cfg, adapter) in CASES.items()}
 
 
 def load(lib: str, arch: str, directory: str, adapter_name: str):
     """PeftModel.from_pretrained of lorakit or PEFT on a fresh base model."""
     mod = lorakit if lib == "lorakit" else peft
     subfolder = None if adapter_name == "default" else adapter_name
-    return mod.PeftModel.from_pretrained(build(arch), directory, adapter_name=adapter_name, subfolder=subfolder)
+    return mod.PeftModel.from_pretrained(biased_model(arch), directory, adapter_name=adapter_name, subfolder=subfolder)
 
 
 def train(model, inputs, steps: int = 2, lr: float = 1e-2) -> list[float]:
@@ -134,7 +85,7 @@ def train(model, inputs, steps: int = 2, lr: float = 1e-2) -> list[float]:
     opt = torch.optim.AdamW(params, lr=lr)
     losses = []
     for _ in range(steps):
-        loss = (output(model, inputs) - 0.5).pow(2).mean()
+        loss = (model_output(model, inputs) - 0.5).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -160,31 +111,21 @@ def adapter_dir(root, adapter_name: str) -> str:
     return str(root) if adapter_name == "default" else os.path.join(str(root), adapter_name)
 
 
-def read_tensors(directory: str) -> dict[str, torch.Tensor]:
-    with safe_open(os.path.join(directory, "adapter_model.safetensors"), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def read_config(directory: str) -> dict:
-    with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as f:
-        return json.load(f)
-
-
 # --- 1 & 2: adapters saved by one library load in the other and compute the same ----------------
 @pytest.mark.parametrize("direction", ["lorakit->peft", "peft->lorakit"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_adapter_roundtrip_between_libraries(case, direction, tmp_path):
     arch, cfg, adapter_name = CASES[case]
     writer, reader = direction.split("->")
-    inputs = inputs_for(arch)
+    inputs = model_inputs(arch)
     with torch.no_grad():
-        base_out = output(build(arch), inputs)
+        base_out = model_output(biased_model(arch), inputs)
 
-    source = make(writer, arch, cfg, adapter_name)
+    source = make_peft_model(arch, adapter_name=adapter_name, lib=writer, nonzero_biases=True, **cfg)
     train(source, inputs)
     source.eval()
     with torch.no_grad():
-        expected = output(source, inputs)
+        expected = model_output(source, inputs)
     # the adapter really changes the model, far beyond the tolerance, so a loader that drops it fails
     assert (expected - base_out).abs().max() > 20 * ATOL
 
@@ -197,7 +138,7 @@ def test_adapter_roundtrip_between_libraries(case, direction, tmp_path):
     loaded = load(reader, arch, str(tmp_path), adapter_name)
     assert loaded.active_adapter == adapter_name
     with torch.no_grad():
-        got = output(loaded, inputs)
+        got = model_output(loaded, inputs)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
@@ -207,17 +148,17 @@ def test_targeted_embedding_base_weights_travel_like_peft(direction, tmp_path):
     e.g. after the vocabulary was edited; the reader must put it back into the base model."""
     writer, reader = direction.split("->")
     arch, cfg, _ = CASES["embedding"]
-    inputs = inputs_for(arch)
-    source = make(writer, arch, cfg, "default")
+    inputs = model_inputs(arch)
+    source = make_peft_model(arch, adapter_name="default", lib=writer, nonzero_biases=True, **cfg)
     train(source, inputs)
     with torch.no_grad():
         source.get_input_embeddings().base_layer.weight.add_(0.5)  # the base embedding itself was changed
-        expected = output(source.eval(), inputs)
+        expected = model_output(source.eval(), inputs)
     source.save_pretrained(tmp_path)
-    assert "base_model.model.model.embed_tokens.base_layer.weight" in read_tensors(str(tmp_path))
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in adapter_weights(str(tmp_path))
     loaded = load(reader, arch, str(tmp_path), "default")
     with torch.no_grad():
-        torch.testing.assert_close(output(loaded, inputs), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(model_output(loaded, inputs), expected, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("direction", ["lorakit->peft", "peft->lorakit"])
@@ -226,27 +167,27 @@ def test_two_adapters_saved_together(direction, tmp_path):
     computing the same in the other library (with only that adapter active)."""
     writer, reader = direction.split("->")
     w, r = (lorakit if lib == "lorakit" else peft for lib in (writer, reader))
-    inputs = inputs_for("llama")
+    inputs = model_inputs("llama")
     first = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
     second = dict(r=2, lora_alpha=8, init_lora_weights=False, use_rslora=True, target_modules=["k_proj", "o_proj"])
-    source = w.get_peft_model(build("llama"), w.LoraConfig(**first))
+    source = w.get_peft_model(biased_model("llama"), w.LoraConfig(**first))
     source.add_adapter("other", w.LoraConfig(**second))
     expected = {}
     with torch.no_grad():
         for name in ("default", "other"):
             source.set_adapter(name)
-            expected[name] = output(source.eval(), inputs)
+            expected[name] = model_output(source.eval(), inputs)
     assert (expected["default"] - expected["other"]).abs().max() > 20 * ATOL
     source.save_pretrained(tmp_path)
     assert os.path.isfile(tmp_path / "adapter_config.json")
     assert os.path.isfile(tmp_path / "other" / "adapter_config.json")
 
-    loaded = r.PeftModel.from_pretrained(build("llama"), str(tmp_path))
+    loaded = r.PeftModel.from_pretrained(biased_model("llama"), str(tmp_path))
     loaded.load_adapter(str(tmp_path), adapter_name="other", subfolder="other")
     with torch.no_grad():
         for name in ("default", "other"):
             loaded.set_adapter(name)
-            torch.testing.assert_close(output(loaded.eval(), inputs), expected[name], atol=ATOL, rtol=0)
+            torch.testing.assert_close(model_output(loaded.eval(), inputs), expected[name], atol=ATOL, rtol=0)
 
 
 # --- 3: the files themselves ----------------------------------------------------------------------
@@ -254,7 +195,7 @@ def _peft_and_lorakit_files(case, tmp_path):
     arch, cfg, adapter_name = CASES[case]
     dirs, models = {}, {}
     for lib in ("lorakit", "peft"):
-        models[lib] = make(lib, arch, cfg, adapter_name)
+        models[lib] = make_peft_model(arch, adapter_name=adapter_name, lib=lib, nonzero_biases=True, **cfg)
         models[lib].save_pretrained(tmp_path / lib)
         dirs[lib] = adapter_dir(tmp_path / lib, adapter_name)
     return dirs, models
@@ -269,7 +210,7 @@ def test_saved_files_and_trainables_match_peft(case, tmp_path):
     assert trainable["lorakit"] == trainable["peft"]
 
     # same tensor names, shapes and dtypes
-    ours, theirs = read_tensors(dirs["lorakit"]), read_tensors(dirs["peft"])
+    ours, theirs = adapter_weights(dirs["lorakit"]), adapter_weights(dirs["peft"])
     assert sorted(ours) == sorted(theirs)
     assert {k: (tuple(v.shape), v.dtype) for k, v in ours.items()} == \
            {k: (tuple(v.shape), v.dtype) for k, v in theirs.items()}
@@ -277,7 +218,7 @@ def test_saved_files_and_trainables_match_peft(case, tmp_path):
     # adapter_config.json: PEFT reads lorakit's, and the shared fields agree
     peft_cfg = peft.LoraConfig.from_pretrained(dirs["lorakit"])
     assert isinstance(peft_cfg, peft.LoraConfig)
-    ours_json, theirs_json = read_config(dirs["lorakit"]), read_config(dirs["peft"])
+    ours_json, theirs_json = adapter_config(dirs["lorakit"]), adapter_config(dirs["peft"])
     set_fields = {"target_modules", "exclude_modules", "modules_to_save"}
     diffs = {}
     for key in sorted(set(ours_json) & set(theirs_json)):
@@ -299,7 +240,7 @@ def test_saved_files_and_trainables_match_peft(case, tmp_path):
 
 def test_lorakit_reads_every_field_peft_writes(tmp_path):
     """No field of PEFT's adapter_config.json is unknown to lorakit (it would warn and drop it)."""
-    peft.get_peft_model(build("llama"), peft.LoraConfig(r=2)).save_pretrained(tmp_path)
+    peft.get_peft_model(biased_model("llama"), peft.LoraConfig(r=2)).save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         config = lorakit.LoraConfig.from_pretrained(tmp_path)
@@ -315,8 +256,8 @@ def test_training_losses_match_peft(use_dora, path):
     cfg = dict(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, use_dora=use_dora,
                target_modules="all-linear")
     torch.manual_seed(123)
-    theirs = peft.get_peft_model(build("llama"), peft.LoraConfig(**cfg))
-    ours = lorakit.get_peft_model(build("llama"), lorakit.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(biased_model("llama"), peft.LoraConfig(**cfg))
+    ours = lorakit.get_peft_model(biased_model("llama"), lorakit.LoraConfig(**cfg))
     p_theirs, p_ours = _normalised_trainables(theirs), _normalised_trainables(ours)
     assert sorted(p_theirs) == sorted(p_ours)
     assert {k: p.shape for k, p in p_theirs.items()} == {k: p.shape for k, p in p_ours.items()}
@@ -358,8 +299,8 @@ def test_dora_initial_magnitude_matches_peft(arch):
     """DoRA's magnitude starts as the row norms of W (B = 0), for Linear and transposed Conv1D."""
     cfg = dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"] if arch == "llama"
                else ["c_attn", "c_proj"])
-    ours = _normalised_trainables(lorakit.get_peft_model(build(arch), lorakit.LoraConfig(**cfg)))
-    theirs = _normalised_trainables(peft.get_peft_model(build(arch), peft.LoraConfig(**cfg)))
+    ours = _normalised_trainables(lorakit.get_peft_model(biased_model(arch), lorakit.LoraConfig(**cfg)))
+    theirs = _normalised_trainables(peft.get_peft_model(biased_model(arch), peft.LoraConfig(**cfg)))
     mags = sorted(k for k in ours if "lora_magnitude_vector" in k)
     assert mags and mags == sorted(k for k in theirs if "lora_magnitude_vector" in k)
     for k in mags:
@@ -374,13 +315,13 @@ MERGE_CASES = ["arch-llama", "arch-gpt2", "arch-bert", "embedding", "conv2d", "r
 @pytest.mark.parametrize("case", MERGE_CASES)
 def test_merge_and_unload_matches_peft(case, tmp_path):
     arch, cfg, adapter_name = CASES[case]
-    inputs = inputs_for(arch)
-    source = make("peft", arch, cfg, adapter_name)
+    inputs = model_inputs(arch)
+    source = make_peft_model(arch, adapter_name=adapter_name, lib="peft", nonzero_biases=True, **cfg)
     train(source, inputs)
     source.eval()
     source.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(build(arch), str(tmp_path)).merge_and_unload()
-    ours = lorakit.PeftModel.from_pretrained(build(arch), str(tmp_path)).merge_and_unload()
+    theirs = peft.PeftModel.from_pretrained(biased_model(arch), str(tmp_path)).merge_and_unload()
+    ours = lorakit.PeftModel.from_pretrained(biased_model(arch), str(tmp_path)).merge_and_unload()
     assert type(ours) is type(theirs)
 
     sd_ours, sd_theirs = ours.state_dict(), theirs.state_dict()
@@ -390,7 +331,8 @@ def test_merge_and_unload_matches_peft(case, tmp_path):
         torch.testing.assert_close(sd_ours[k], sd_theirs[k], atol=ATOL, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
     assert not any(isinstance(m, lorakit.LoraLayer) for m in ours.modules())
     with torch.no_grad():
-        out_ours, out_theirs, out_base = output(ours, inputs), output(theirs, inputs), output(build(arch), inputs)
+        out_ours, out_theirs = model_output(ours, inputs), model_output(theirs, inputs)
+        out_base = model_output(biased_model(arch), inputs)
     torch.testing.assert_close(out_ours, out_theirs, atol=ATOL, rtol=0)
     assert (out_ours - out_base).abs().max() > 20 * ATOL
 
@@ -399,21 +341,21 @@ def test_merge_and_unload_matches_peft(case, tmp_path):
 def test_load_adapter_in_eval_mode_is_deterministic_like_peft(tmp_path):
     """An adapter loaded (or added) into a model in eval mode runs without dropout, as in PEFT."""
     cfg = dict(r=4, lora_alpha=8, lora_dropout=0.5, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
-    peft.get_peft_model(build("llama", seed=3), peft.LoraConfig(**cfg)).save_pretrained(tmp_path)
-    inputs, got = inputs_for("llama"), {}
+    peft.get_peft_model(biased_model("llama", seed=3), peft.LoraConfig(**cfg)).save_pretrained(tmp_path)
+    inputs, got = model_inputs("llama"), {}
     for lib in (peft, lorakit):
-        model = lib.get_peft_model(build("llama"), lib.LoraConfig(**cfg)).eval()
+        model = lib.get_peft_model(biased_model("llama"), lib.LoraConfig(**cfg)).eval()
         model.load_adapter(str(tmp_path), adapter_name="other")
         model.set_adapter("other")
         with torch.no_grad():
-            got[lib.__name__] = output(model, inputs)
-            torch.testing.assert_close(output(model, inputs), got[lib.__name__], atol=0, rtol=0)
+            got[lib.__name__] = model_output(model, inputs)
+            torch.testing.assert_close(model_output(model, inputs), got[lib.__name__], atol=0, rtol=0)
     torch.testing.assert_close(got["lorakit"], got["peft"], atol=ATOL, rtol=0)
 
 
 def _resized_llama(seed: int) -> nn.Module:
     """The usual "add tokens" recipe: the vocabulary grown from 96 to 100 (new rows drawn at random)."""
-    model = build("llama")
+    model = biased_model("llama")
     torch.manual_seed(seed)
     model.resize_token_embeddings(100)
     return model
@@ -427,16 +369,16 @@ def test_saved_embedding_layers_with_modules_to_save_load_like_peft(tmp_path):
     inputs = {"input_ids": torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))}
     train(source, inputs)
     source.save_pretrained(tmp_path, save_embedding_layers=True)
-    assert "base_model.model.lm_head.original_module.weight" in read_tensors(str(tmp_path))
+    assert "base_model.model.lm_head.original_module.weight" in adapter_weights(str(tmp_path))
     results = {}
     for lib in (peft, lorakit):
         loaded = lib.PeftModel.from_pretrained(_resized_llama(seed=2), str(tmp_path))
         with torch.no_grad():
-            adapted = output(loaded, inputs)
+            adapted = model_output(loaded, inputs)
             with loaded.disable_adapter():
-                results[lib.__name__] = (adapted, output(loaded, inputs))
+                results[lib.__name__] = (adapted, model_output(loaded, inputs))
     with torch.no_grad():
-        torch.testing.assert_close(results["peft"][0], output(source.eval(), inputs), atol=ATOL, rtol=0)
+        torch.testing.assert_close(results["peft"][0], model_output(source.eval(), inputs), atol=ATOL, rtol=0)
     for ours, theirs in zip(results["lorakit"], results["peft"]):
         torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
 
@@ -446,7 +388,7 @@ def _eva_adapter(directory):
 
     cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights="eva", eva_config=EvaConfig(rho=2.0),
                           target_modules=["q_proj", "v_proj", "up_proj"])
-    model = peft.get_peft_model(build("llama"), cfg, low_cpu_mem_usage=True)
+    model = peft.get_peft_model(biased_model("llama"), cfg, low_cpu_mem_usage=True)
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(0, 96, (4, 16), generator=g),
                 "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(4)]
@@ -460,15 +402,15 @@ def test_plain_at_inference_inits_load_like_peft(init, tmp_path):
     if init == "eva":
         source = _eva_adapter(tmp_path)
     else:
-        source = peft.get_peft_model(build("llama"), peft.LoraConfig(
+        source = peft.get_peft_model(biased_model("llama"), peft.LoraConfig(
             r=4, lora_alpha=8, init_lora_weights="orthogonal", target_modules=["q_proj", "v_proj"]))
-    inputs = inputs_for("llama")
+    inputs = model_inputs("llama")
     train(source, inputs)
     source.save_pretrained(tmp_path)
-    assert read_config(str(tmp_path))["init_lora_weights"] == init
+    assert adapter_config(str(tmp_path))["init_lora_weights"] == init
     with torch.no_grad():
-        expected = output(source.eval(), inputs)
-        got = output(lorakit.PeftModel.from_pretrained(build("llama"), str(tmp_path)), inputs)
+        expected = model_output(source.eval(), inputs)
+        got = model_output(lorakit.PeftModel.from_pretrained(biased_model("llama"), str(tmp_path)), inputs)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
@@ -476,19 +418,21 @@ def test_plain_at_inference_inits_load_like_peft(init, tmp_path):
 def test_base_changing_inits_are_refused_until_converted(init, tmp_path):
     """PiSSA / OLoRA rewrite the base weights: refused, naming the file and PEFT's conversion, after
     which the adapter loads onto the untouched base and computes as the trained model."""
-    source = peft.get_peft_model(build("llama"), peft.LoraConfig(
+    source = peft.get_peft_model(biased_model("llama"), peft.LoraConfig(
         r=4, lora_alpha=8, init_lora_weights=init, target_modules=["q_proj", "v_proj"]))
     source.peft_config["default"].init_lora_weights = True  # PEFT's recipe: keep the initial adapter
     source.save_pretrained(tmp_path / "initial")
     source.peft_config["default"].init_lora_weights = init
-    inputs = inputs_for("llama")
+    inputs = model_inputs("llama")
     train(source, inputs)
     source.save_pretrained(tmp_path / "trained")
     config_path = os.path.join(str(tmp_path / "trained"), "adapter_config.json")
-    with pytest.raises(ValueError, match=rf"{re.escape(config_path)}: .*{init}.*path_initial_model_for_weight_conversion"):
-        lorakit.PeftModel.from_pretrained(build("llama"), str(tmp_path / "trained"))
+    expected = rf"{re.escape(config_path)}: .*{init}.*path_initial_model_for_weight_conversion"
+    with pytest.raises(ValueError, match=expected):
+        lorakit.PeftModel.from_pretrained(biased_model("llama"), str(tmp_path / "trained"))
     source.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
     with torch.no_grad():
-        expected = output(source.eval(), inputs)
-        got = output(lorakit.PeftModel.from_pretrained(build("llama"), str(tmp_path / "converted")), inputs)
+        expected = model_output(source.eval(), inputs)
+        converted = lorakit.PeftModel.from_pretrained(biased_model("llama"), str(tmp_path / "converted"))
+        got = model_output(converted, inputs)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)

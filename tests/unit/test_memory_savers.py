@@ -4,9 +4,9 @@ import io
 
 import pytest
 import torch
-from conftest import build_model, model_inputs
 
 import lorakit
+from helpers import build_model, model_inputs
 from lorakit import memory
 from lorakit.train.args import parse_train_args
 from lorakit.train.loss import batch_loss_sum
@@ -71,6 +71,7 @@ def test_adapters_added_later_get_the_same_treatment(tmp_path):
 
 def test_a_model_with_savers_pickles():
     peft_model = lorakit.get_peft_model(build_model("llama"), lorakit.LoraConfig(r=2, target_modules="all-linear"))
+    assert set(peft_model.memory_savers) == set(memory.SAVERS)  # all of them are there to pickle
     buffer = io.BytesIO()
     torch.save(peft_model, buffer)
     buffer.seek(0)

@@ -89,12 +89,13 @@ def test_autocast_runs_in_the_autocast_dtype_and_returns_fp32_grads():
 def test_dora_scale_gradients_equal_autograd_and_it_keeps_its_output():
     g = torch.Generator().manual_seed(6)
     combined = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
-    magnitude, norm = torch.rand(7, generator=g, dtype=torch.float64) + 0.5, torch.rand(7, generator=g, dtype=torch.float64) + 0.5
+    magnitude = torch.rand(7, generator=g, dtype=torch.float64) + 0.5
+    norm = torch.rand(7, generator=g, dtype=torch.float64) + 0.5
     results = []
     for fused in (True, False):
         c, m = combined.clone().requires_grad_(), magnitude.clone().requires_grad_()
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
             out = dora_scale(c, m, norm) if fused else c * (m / norm)
         out.backward(torch.sin(out.detach()))
         results.append((out.detach(), c.grad, m.grad))

@@ -2,12 +2,12 @@
 import json
 
 import pytest
-from conftest import write_jsonl
 
+from helpers import write_jsonl
 from lorakit.data import check_labels, label_set, load_examples, split_holdout
-from lorakit.memory.loss import IGNORE_INDEX
 from lorakit.data.encode import collate, encode_examples, fallback_template, render_chat
 from lorakit.data.formats import Conversation, Labelled, PlainText
+from lorakit.memory.loss import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")

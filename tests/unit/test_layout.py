@@ -3,7 +3,9 @@ docs/architecture.md allows."""
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lorakit"
+from helpers import ROOT
+
+PACKAGE = ROOT / "lorakit"
 
 # The parts, lowest first: a part may import the parts before it, never one after it.
 ORDER = ["modules", "families", "quant", "io", "config", "lora", "memory", "model", "data", "train", "serve", "cli"]

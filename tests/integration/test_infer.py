@@ -6,19 +6,17 @@ import sys
 
 import pytest
 import torch
-from conftest import write_jsonl
 
+from helpers import SENTIMENT, alpaca_rows, quick_args, save_tiny_bert_classifier, write_jsonl
 from lorakit.cli import main
-from lorakit.data.encode import render_chat
 from lorakit.cli.infer import InferArgs, load_for_inference, run_infer
+from lorakit.data.encode import render_chat
 from lorakit.train import loop
 from lorakit.train.args import parse_train_args
 
 
 @pytest.fixture(scope="module")
 def sft_adapter(tiny_lm_dir, tmp_path_factory):
-    from conftest import alpaca_rows
-
     folder = tmp_path_factory.mktemp("sft")
     data = write_jsonl(folder / "a.jsonl", alpaca_rows())
     out = folder / "adapter"
@@ -39,6 +37,9 @@ def test_greedy_generation_matches_peft(sft_adapter, tiny_lm_dir):
     out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert ours["completion"] == tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert ours["completion"].strip()
+    with model.disable_adapter():  # the adapter steers the answer, so an infer that dropped it would differ
+        plain = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert not torch.equal(plain, out)
 
 
 def test_batched_prompts_equal_one_at_a_time(sft_adapter, tmp_path):
@@ -51,9 +52,12 @@ def test_batched_prompts_equal_one_at_a_time(sft_adapter, tmp_path):
 
 
 def test_sampling_is_seeded(sft_adapter):
+    """--do_sample with a --seed gives the same text again, and other seeds other texts (greedy decoding,
+    which ignores the seed, would give one text for all three)."""
     args = dict(adapter=sft_adapter, prompt=["Add 2 and 2."], max_new_tokens=10, do_sample=True, temperature=1.5)
-    first = run_infer(InferArgs(**args, seed=1))
-    assert run_infer(InferArgs(**args, seed=1)) == first
+    sampled = {seed: run_infer(InferArgs(**args, seed=seed)) for seed in (1, 2, 3)}
+    assert run_infer(InferArgs(**args, seed=1)) == sampled[1]
+    assert len({result["completion"] for [result] in sampled.values()}) > 1
 
 
 def test_prompts_from_stdin(sft_adapter):
@@ -65,8 +69,6 @@ def test_prompts_from_stdin(sft_adapter):
 
 
 def test_classifier_adapter_predicts_labels(tmp_path):
-    from test_train import SENTIMENT, quick_args
-
     data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": label} for t, label in SENTIMENT * 2])
     out = tmp_path / "cls"
     loop.train(parse_train_args(quick_args("all-MiniLM-L6-v2", data, out, max_steps=12, learning_rate=2e-3)))
@@ -86,8 +88,6 @@ def test_infer_errors(tmp_path, capsys):
 
 
 def test_full_fine_tuned_output_loads_as_a_model(tiny_lm_dir, tmp_path):
-    from conftest import alpaca_rows
-
     data = write_jsonl(tmp_path / "a.jsonl", alpaca_rows())
     out = tmp_path / "full"
     loop.train(parse_train_args(["--model", tiny_lm_dir, "--dataset", data, "--output_dir", str(out),
@@ -124,13 +124,11 @@ def test_the_training_system_prompt_is_used(sft_adapter, tmp_path, monkeypatch):
     assert [m[0] for m in seen] == [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Other."}]
 
 
-def test_prompts_longer_than_the_model_takes(tmp_path, capsys):
-    from conftest import alpaca_rows, save_tiny_causal_lm
-
-    gpt2 = save_tiny_causal_lm(tmp_path / "gpt2", arch="gpt2")  # n_positions 256
-    out = tmp_path / "adapter"
-    loop.train(parse_train_args(["--model", gpt2, "--dataset", write_jsonl(tmp_path / "a.jsonl", alpaca_rows()),
-                                 "--output_dir", str(out), "--max_steps", "1", "--report_to", "none"]))
+def test_prompts_longer_than_the_model_takes(tiny_gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "adapter"  # the model has 256 positions (n_positions)
+    data = write_jsonl(tmp_path / "a.jsonl", alpaca_rows())
+    loop.train(parse_train_args(["--model", tiny_gpt2_dir, "--dataset", data, "--output_dir", str(out),
+                                 "--max_steps", "1", "--report_to", "none"]))
     assert main(["infer", "--adapter", str(out), "--prompt", "hi", "word " * 300, "--max_new_tokens", "4"]) == 2
     assert re.search(r"prompt 2 has \d+ tokens; with --max_new_tokens 4 that passes the model's 256 positions "
                      r"\(n_positions\)", capsys.readouterr().err)
@@ -140,13 +138,8 @@ def test_prompts_longer_than_the_model_takes(tmp_path, capsys):
 
 def test_long_rows_are_truncated_to_the_classifier_positions(tmp_path):
     import transformers as tf
-    from conftest import save_tiny_bert_classifier
-    from test_train import SENTIMENT
 
-    folder = save_tiny_bert_classifier(tmp_path / "bert")
-    config = tf.AutoConfig.from_pretrained(folder)
-    config.max_position_embeddings = 32
-    tf.BertForSequenceClassification(config).save_pretrained(folder)
+    folder = save_tiny_bert_classifier(tmp_path / "bert", max_position_embeddings=32)
     tf.AutoTokenizer.from_pretrained(folder, model_max_length=10 ** 6).save_pretrained(folder)  # no limit of its own
     data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": label} for t, label in SENTIMENT])
     loop.train(parse_train_args(["--model", folder, "--dataset", data, "--output_dir", str(tmp_path / "o"),
