@@ -7,13 +7,10 @@ the same steps. Gradients are summed across ranks with one flat all-reduce per s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import random
-import tempfile
 import time
-from array import array
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -21,151 +18,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lorakit import data as datasets_
-from lorakit.data.encode import Encoded, EncodeReport, collate, encode_examples, loss_units
+from lorakit.data.encode import Encoded, collate, loss_units
 from lorakit.io import files
-from lorakit.io.pretrained import load_config, load_model, load_tokenizer, position_limit, resolve_model_path
+from lorakit.io.pretrained import load_model, load_tokenizer, resolve_model_path
 from lorakit.memory.loss import IGNORE_INDEX
 from lorakit.train import checkpoints, distributed
 from lorakit.train.args import TrainArgs
 from lorakit.train.loss import batch_loss_sum
 from lorakit.train.metrics import METRICS_FILE, MetricsLog, plot_loss_curve
 from lorakit.train.model import prepare_model, save_trained
+from lorakit.train.prepare import PreparedData, describe_data, fit_max_length, prepare_data, resolve_args
+from lorakit.train.resume import prepare_output_dir, resume_point, run_trajectory
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; nothing from that step was applied."""
-
-
-@dataclass
-class PreparedData:
-    task: str
-    fmt: str
-    labels: list[str]
-    train: list[Encoded]
-    val: list[Encoded]
-    reports: dict[str, EncodeReport]
-
-
-def default_learning_rate(train_type: str, task: str) -> float:
-    if train_type == "full":
-        return 5e-5 if task == "seq_cls" else 1e-5
-    return 1e-3 if task == "seq_cls" else 1e-4
-
-
-def prepare_data(args: TrainArgs, tokenizer) -> PreparedData:
-    """Read, check, split and tokenise the train and eval sets."""
-    fmt = None if args.dataset_format == "auto" else args.dataset_format
-    ratio = 0 if args.val_dataset else args.val_split_ratio
-    train_pairs, val_pairs, fmt = datasets_.load_split(args.dataset, fmt or "auto", ratio, args.seed)
-    if args.val_dataset:
-        val_pairs, _ = datasets_.load_examples(args.val_dataset, fmt, args.seed)
-    if args.system:
-        train_pairs, val_pairs = (datasets_.add_system(pairs, args.system) for pairs in (train_pairs, val_pairs))
-    task = args.task_type if args.task_type != "auto" else ("seq_cls" if fmt == "classification" else "causal_lm")
-    if (task == "seq_cls") != (fmt == "classification"):
-        raise ValueError(f"--task_type {task} needs {'classification' if task == 'seq_cls' else 'SFT'} "
-                         f"data, but the dataset is in the {fmt} format")
-    labels = []
-    if task == "seq_cls":
-        labels = datasets_.label_set(train_pairs, args.labels)
-        datasets_.check_labels(train_pairs + val_pairs, labels)
-    label_ids = {label: i for i, label in enumerate(labels)}
-    reports, encoded = {}, {}
-    for split, pairs in (("train", train_pairs), ("eval", val_pairs)):
-        encoded[split], reports[split] = encode_examples(tokenizer, pairs, args.max_length, label_ids,
-                                                         args.train_on_prompt)
-    if not encoded["train"]:
-        dropped = reports["train"].dropped_all_masked
-        raise ValueError(f"no training examples left: all {len(dropped)} rows have every label token "
-                         f"masked after truncation to --max_length {args.max_length} (first: "
-                         f"{dropped[:3]}); raise --max_length or check the responses are not empty")
-    return PreparedData(task, fmt, labels, encoded["train"], encoded["eval"], reports)
-
-
-# The only settings that may differ on --resume: they change no step of the run. Every other
-# TrainArgs field, the data's token ids, bf16 and the process count must match the checkpoint.
-FREE_ON_RESUME = ("output_dir", "overwrite", "resume", "logging_steps", "eval_steps", "save_steps",
-                  "save_total_limit", "report_to", "per_device_eval_batch_size", "gradient_checkpointing",
-                  "memory_savers")
-NOT_FLAGS = {"data": "the data (token ids of the train and eval examples)",
-             "processes": "processes (torchrun --nproc_per_node)"}
-
-
-def data_fingerprint(data: PreparedData) -> str:
-    """A short hash of the train and eval token ids and labels."""
-    digest = hashlib.sha256()
-    for split in (data.train, data.val):
-        digest.update(array("q", [len(split)]).tobytes())
-        for item in split:
-            labels = item.labels if isinstance(item.labels, list) else [item.labels]
-            for values in (item.input_ids, labels):
-                digest.update(array("q", [len(values), *values]).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def run_trajectory(args: TrainArgs, data: PreparedData, processes: int, bf16: bool) -> dict:
-    """What decides the steps of a run (saved in its checkpoints, compared on --resume)."""
-    settings = {k: v for k, v in args.to_dict().items() if k not in FREE_ON_RESUME}
-    return {**settings, "bf16": bf16, "processes": processes, "data": data_fingerprint(data)}
-
-
-def resume_point(args: TrainArgs, out: Path, trajectory: dict) -> tuple[Path | None, str]:
-    """(checkpoint to resume from or None, this run's id); refuses another run's or other settings'."""
-    if not args.resume:
-        return None, checkpoints.new_run_id()
-    path = checkpoints.resolve_resume(args.resume, out)
-    state = checkpoints.read_state(path)
-    check_same_trajectory(state.get("trajectory", {}), trajectory, path)
-    return path, state.get("run_id")
-
-
-def check_same_trajectory(saved: dict, current: dict, path: Path) -> None:
-    """Refuse to resume a checkpoint with settings that change the run's steps, naming each."""
-    changed = [f"{NOT_FLAGS.get(k, '--' + k)}: {saved[k]} in the checkpoint, {current[k]} now"
-               for k in saved if k in current and saved[k] != current[k]]
-    if changed:
-        raise ValueError(f"--resume {path}: settings differ from the run that wrote the checkpoint: "
-                         f"{'; '.join(changed)}. Resume with the same settings (e.g. --config "
-                         f"{path.parent / 'run_config.yaml'}) or start a new run")
-
-
-def prepare_output_dir(args: TrainArgs) -> Path:
-    """The run's folder, created and checked writable before anything loads; refuses one that holds a
-    previous run unless resuming or --overwrite."""
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output_dir {out} is a file; give a folder (it is created if missing)")
-    if args.resume == "latest" and not out.is_dir():
-        raise FileNotFoundError(f"--resume: output_dir {out} does not exist")
-    if not args.resume and out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"output_dir {out} already holds files from a previous run; pass "
-                              "--resume to continue it, --overwrite to write into it anyway (nothing "
-                              "there is deleted), or choose another --output_dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as err:
-        raise ValueError(f"--output_dir {out} cannot be written: {err.strerror or err}") from None
-    return out
-
-
-def fit_max_length(args: TrainArgs, model_path: str, say) -> TrainArgs:
-    """args with max_length at most the model's position limit (said once when lowered)."""
-    limit = position_limit(load_config(model_path))
-    if limit is None or args.max_length <= limit[0]:
-        return args
-    say(f"--max_length {args.max_length} is more than the model's {limit[0]} positions ({limit[1]}); "
-        f"using {limit[0]}")
-    return dataclasses.replace(args, max_length=limit[0])
-
-
-def resolve_args(args: TrainArgs, data: PreparedData) -> TrainArgs:
-    """Fill the 'auto' fields with what this run actually uses (saved as run_config.yaml)."""
-    return dataclasses.replace(
-        args, task_type=data.task, dataset_format=data.fmt, labels=list(data.labels),
-        learning_rate=(args.learning_rate if args.learning_rate is not None
-                       else default_learning_rate(args.train_type, data.task)))
 
 
 def build_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW:
@@ -243,19 +110,6 @@ def evaluate(model, items: list[Encoded], args: TrainArgs, pad_id: int, ctx: dis
     if items and isinstance(items[0].labels, int):
         result["eval_accuracy"] = correct / max(units, 1)
     return result
-
-
-def describe_data(data: PreparedData, args: TrainArgs) -> str:
-    lines = [f"data: {len(data.train)} train / {len(data.val)} eval examples, format {data.fmt}, "
-             f"task {data.task}" + (f", {len(data.labels)} labels" if data.labels else "")]
-    for split, report in data.reports.items():
-        if report.truncated:
-            lines.append(f"  {split}: {report.truncated} examples longer than --max_length "
-                         f"{args.max_length} were truncated")
-        if report.dropped_all_masked:
-            lines.append(f"  {split}: {len(report.dropped_all_masked)} examples dropped: no response "
-                         f"token left to learn from (first: {report.dropped_all_masked[0]})")
-    return "\n".join(lines)
 
 
 def train(args: TrainArgs) -> dict:

@@ -1,0 +1,88 @@
+"""The data of a training run: dataset files read, split, encoded with the tokenizer, and the
+settings that follow from them (task, learning rate, max_length within the model's positions)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from lorakit import data as datasets_
+from lorakit.data.encode import Encoded, EncodeReport, encode_examples
+from lorakit.io.pretrained import load_config, position_limit
+from lorakit.train.args import TrainArgs
+
+
+@dataclass
+class PreparedData:
+    task: str
+    fmt: str
+    labels: list[str]
+    train: list[Encoded]
+    val: list[Encoded]
+    reports: dict[str, EncodeReport]
+
+
+def default_learning_rate(train_type: str, task: str) -> float:
+    if train_type == "full":
+        return 5e-5 if task == "seq_cls" else 1e-5
+    return 1e-3 if task == "seq_cls" else 1e-4
+
+
+def prepare_data(args: TrainArgs, tokenizer) -> PreparedData:
+    """Read, check, split and tokenise the train and eval sets."""
+    fmt = None if args.dataset_format == "auto" else args.dataset_format
+    ratio = 0 if args.val_dataset else args.val_split_ratio
+    train_pairs, val_pairs, fmt = datasets_.load_split(args.dataset, fmt or "auto", ratio, args.seed)
+    if args.val_dataset:
+        val_pairs, _ = datasets_.load_examples(args.val_dataset, fmt, args.seed)
+    if args.system:
+        train_pairs, val_pairs = (datasets_.add_system(pairs, args.system) for pairs in (train_pairs, val_pairs))
+    task = args.task_type if args.task_type != "auto" else ("seq_cls" if fmt == "classification" else "causal_lm")
+    if (task == "seq_cls") != (fmt == "classification"):
+        raise ValueError(f"--task_type {task} needs {'classification' if task == 'seq_cls' else 'SFT'} "
+                         f"data, but the dataset is in the {fmt} format")
+    labels = []
+    if task == "seq_cls":
+        labels = datasets_.label_set(train_pairs, args.labels)
+        datasets_.check_labels(train_pairs + val_pairs, labels)
+    label_ids = {label: i for i, label in enumerate(labels)}
+    reports, encoded = {}, {}
+    for split, pairs in (("train", train_pairs), ("eval", val_pairs)):
+        encoded[split], reports[split] = encode_examples(tokenizer, pairs, args.max_length, label_ids,
+                                                         args.train_on_prompt)
+    if not encoded["train"]:
+        dropped = reports["train"].dropped_all_masked
+        raise ValueError(f"no training examples left: all {len(dropped)} rows have every label token "
+                         f"masked after truncation to --max_length {args.max_length} (first: "
+                         f"{dropped[:3]}); raise --max_length or check the responses are not empty")
+    return PreparedData(task, fmt, labels, encoded["train"], encoded["eval"], reports)
+
+
+def fit_max_length(args: TrainArgs, model_path: str, say) -> TrainArgs:
+    """args with max_length at most the model's position limit (said once when lowered)."""
+    limit = position_limit(load_config(model_path))
+    if limit is None or args.max_length <= limit[0]:
+        return args
+    say(f"--max_length {args.max_length} is more than the model's {limit[0]} positions ({limit[1]}); "
+        f"using {limit[0]}")
+    return dataclasses.replace(args, max_length=limit[0])
+
+
+def resolve_args(args: TrainArgs, data: PreparedData) -> TrainArgs:
+    """Fill the 'auto' fields with what this run actually uses (saved as run_config.yaml)."""
+    return dataclasses.replace(
+        args, task_type=data.task, dataset_format=data.fmt, labels=list(data.labels),
+        learning_rate=(args.learning_rate if args.learning_rate is not None
+                       else default_learning_rate(args.train_type, data.task)))
+
+
+def describe_data(data: PreparedData, args: TrainArgs) -> str:
+    lines = [f"data: {len(data.train)} train / {len(data.val)} eval examples, format {data.fmt}, "
+             f"task {data.task}" + (f", {len(data.labels)} labels" if data.labels else "")]
+    for split, report in data.reports.items():
+        if report.truncated:
+            lines.append(f"  {split}: {report.truncated} examples longer than --max_length "
+                         f"{args.max_length} were truncated")
+        if report.dropped_all_masked:
+            lines.append(f"  {split}: {len(report.dropped_all_masked)} examples dropped: no response "
+                         f"token left to learn from (first: {report.dropped_all_masked[0]})")
+    return "\n".join(lines)
