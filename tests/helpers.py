@@ -190,6 +190,15 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
 
 
 # --- memory savers ---------------------------------------------------------------------------------
+def assert_same_gradients(got: tuple, want: tuple, tol: float = 1e-12) -> None:
+    """Outputs and gradients of two implementations, element by element (None where neither has one)."""
+    for g, w in zip(got, want, strict=True):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
 def lean_train_step(arch: str, without: str | None = None, checkpointing: bool = False, autocast: bool = False,
                     outer_hooks=None):
     """(loss, adapter grads) of one seeded training step through lorakit (all-linear LoRA r=4,
