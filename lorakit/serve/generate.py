@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from lorakit.io.pretrained import position_limit
 from lorakit.serve.bank import AdapterBank
 
 SEEDS = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes (negative seeds wrap around)
@@ -85,7 +86,7 @@ def _releasable(text: str, sent: int, stops: list[str]) -> int:
 def check_request(r: GenerationRequest, model) -> None:
     """ValueError naming the field if `model` cannot generate request `r`."""
     vocab_size = model.get_input_embeddings().num_embeddings
-    max_positions = getattr(model.config, "max_position_embeddings", None)
+    limit = position_limit(model.config)  # max_position_embeddings, GPT-2's n_positions, ...
     if not r.prompt_ids:
         raise ValueError("prompt_ids is empty; give at least one token")
     if not all(0 <= t < vocab_size for t in r.prompt_ids):
@@ -98,9 +99,9 @@ def check_request(r: GenerationRequest, model) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {r.top_p}")
     if r.seed is not None and not SEEDS[0] <= r.seed <= SEEDS[1]:
         raise ValueError(f"seed must be an integer from {SEEDS[0]} to {SEEDS[1]} (64 bits), got {r.seed}")
-    if max_positions and len(r.prompt_ids) + r.max_new_tokens > max_positions:
+    if limit and len(r.prompt_ids) + r.max_new_tokens > limit[0]:
         raise ValueError(f"{len(r.prompt_ids)} prompt tokens + max_new_tokens={r.max_new_tokens} "
-                         f"exceed the model's {max_positions} positions")
+                         f"exceed the model's {limit[0]} positions ({limit[1]})")
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -6,6 +6,7 @@ import transformers as tf
 from helpers import save_adapter
 from lorakit import PeftModel
 from lorakit.serve import AdapterBank, GenerationRequest, generate_batch
+from lorakit.serve.generate import check_request
 
 PROMPTS = ["The quick brown fox", "Add the two", "What is the capital of France?", "def"]
 
@@ -127,3 +128,13 @@ def test_bad_requests_are_refused(setup, change, match):
         generate_batch(bank, tokenizer, [good, bad])
     with pytest.raises(KeyError, match="'missing'"):
         generate_batch(bank, tokenizer, [GenerationRequest([5], adapter="missing")])
+
+
+def test_gpt2_position_limit_is_checked_before_generating(tiny_gpt2_dir):
+    """GPT-2 names its limit n_positions: an over-long request is refused, not an IndexError mid-batch."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    limit = model.config.n_positions
+    with pytest.raises(ValueError, match=f"exceed the model's {limit} positions \\(n_positions\\)"):
+        check_request(GenerationRequest([5, 6], max_new_tokens=limit), model)
