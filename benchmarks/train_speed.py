@@ -2,12 +2,15 @@
 
     python benchmarks/train_speed.py                       # 134M Llama, fp32, 4x256 and 2x1024
     python benchmarks/train_speed.py --shapes 2x64 --layers 2 --rounds 2    # a smoke run
+    python benchmarks/train_speed.py --dtype bf16          # CPU bf16 autocast, bf16 base, + lorakit fp32
 
 Three variants on the same model and SFT batch (the first 40% of each row is prompt, label -100):
 - peft: the HF model's own forward with labels after peft's `get_peft_model`;
 - lorakit: the same call after lorakit's `get_peft_model` (the drop-in API);
 - lorakit train: the loss `lorakit train` computes (`lorakit.train.loss.batch_loss_sum`: head and
   cross-entropy only at labelled positions), against peft with transformers' plain loss.
+With --dtype bf16 every variant runs under CPU bf16 autocast over a bf16 base (adapters fp32, as
+`lorakit train` does on a CPU with a bf16 matrix unit), and "lorakit fp32" is the fp32 step beside them.
 Step times are taken in one process, the variants taking turns and rotating who goes first each
 round; the median of per-round ratios to peft is reported. Peak memory is measured in a fresh
 process per (variant, adapter, shape). Matmul utilisation divides the matmul FLOPs of a full
@@ -29,14 +32,19 @@ CONFIG = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num
               intermediate_size=2048, vocab_size=32000)
 
 
-VARIANTS = {"peft": "peft", "lorakit": "lorakit", "lorakit train": "lorakit"}  # variant -> library
+# variant -> (library, bf16); the first is the reference of the ratios
+VARIANTS = {"fp32": {"peft": ("peft", False), "lorakit": ("lorakit", False), "lorakit train": ("lorakit", False)},
+            "bf16": {"peft": ("peft", True), "lorakit": ("lorakit", True), "lorakit train": ("lorakit", True),
+                     "lorakit fp32": ("lorakit", False)}}
 
 
-def build(library: str, dora: bool, layers: int):
+def build(library: str, dora: bool, layers: int, bf16: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**CONFIG, "num_hidden_layers": layers}))
+    if bf16:
+        model = model.to(torch.bfloat16)  # the frozen base in bf16; both libraries keep their adapters fp32
     if library == "peft":
         from peft import LoraConfig, get_peft_model
     else:
@@ -52,13 +60,14 @@ def sft_batch(batch: int, seq: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def step(model, inputs, variant: str) -> None:
-    if variant == "lorakit train":
-        from lorakit.train.loss import batch_loss_sum
+def step(model, inputs, variant: str, bf16: bool = False) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        if variant == "lorakit train":
+            from lorakit.train.loss import batch_loss_sum
 
-        loss = batch_loss_sum(model, inputs)[0] / (inputs["labels"][:, 1:] != -100).sum()
-    else:
-        loss = model(**inputs).loss
+            loss = batch_loss_sum(model, inputs)[0] / (inputs["labels"][:, 1:] != -100).sum()
+        else:
+            loss = model(**inputs).loss
     loss.backward()
     for p in model.parameters():
         p.grad = None
@@ -84,12 +93,13 @@ def step_gflop(layers: int, batch: int, seq: int, r: int = 16) -> float:
     return (4 * frozen * tokens + 6 * adapters * tokens + 3 * attention) / 1e9
 
 
-def peak_rss_child(variant: str, dora: bool, layers: int, batch: int, seq: int) -> float:
-    model, inputs = build(VARIANTS[variant], dora, layers), sft_batch(batch, seq)
-    step(model, inputs, variant)
+def peak_rss_child(dtype: str, variant: str, dora: bool, layers: int, batch: int, seq: int) -> float:
+    library, bf16 = VARIANTS[dtype][variant]
+    model, inputs = build(library, dora, layers, bf16), sft_batch(batch, seq)
+    step(model, inputs, variant, bf16)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    step(model, inputs, variant)
+    step(model, inputs, variant, bf16)
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
@@ -100,25 +110,29 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--adapters", default="lora,dora", help="lora and/or dora, comma-separated")
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", choices=VARIANTS, default="fp32",
+                        help="bf16: every variant under CPU bf16 autocast over a bf16 base, plus lorakit fp32")
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        variant, dora, layers, batch, seq = args.child
-        print(peak_rss_child(variant, dora == "dora", int(layers), int(batch), int(seq)))
+        dtype, variant, dora, layers, batch, seq = args.child
+        print(peak_rss_child(dtype, variant, dora == "dora", int(layers), int(batch), int(seq)))
         return
+    variants = VARIANTS[args.dtype]
     peak = max(matmul_peak_gflops() for _ in range(3))  # the first runs cold
-    print(f"fp32 matmul peak on this machine: {peak:.1f} GFLOP/s; Llama {args.layers} layers, LoRA r=16 "
-          f"all-linear, dropout 0.05, 40% prompt tokens masked")
-    print("| adapter | batch | variant | s/step | time / peft | peak MB | memory / peft | matmul util. |")
+    flags = {k: v for k, v in torch.cpu.get_capabilities().items() if k in ("avx512_f", "avx512_bf16", "amx_bf16")}
+    print(f"fp32 matmul peak on this machine: {peak:.1f} GFLOP/s; CPU {flags}; Llama {args.layers} layers, "
+          f"LoRA r=16 all-linear, dropout 0.05, 40% prompt tokens masked; --dtype {args.dtype}")
+    print("| adapter | batch | variant | s/step | time / peft | peak MB | memory / peft | fp32 matmul util. |")
     print("|---|---|---|---|---|---|---|---|")
     results = []
     for adapter in args.adapters.split(","):
         for shape in args.shapes.split(","):
             batch, seq = map(int, shape.split("x"))
-            models = {v: build(lib, adapter == "dora", args.layers) for v, lib in VARIANTS.items()}
+            models = {v: build(lib, adapter == "dora", args.layers, bf16) for v, (lib, bf16) in variants.items()}
             inputs = sft_batch(batch, seq)
             for variant, model in models.items():
-                step(model, inputs, variant)
+                step(model, inputs, variant, variants[variant][1])
             times = {v: [] for v in models}
             ratios = {v: [] for v in models}
             for r in range(args.rounds):
@@ -126,17 +140,17 @@ def main() -> None:
                 this = {}
                 for variant in order:
                     start = time.perf_counter()
-                    step(models[variant], inputs, variant)
+                    step(models[variant], inputs, variant, variants[variant][1])
                     this[variant] = time.perf_counter() - start
                     times[variant].append(this[variant])
                 for variant in models:
                     ratios[variant].append(this[variant] / this["peft"])
             del models
             memory = {v: float(subprocess.run(
-                [sys.executable, __file__, "--child", v, adapter, str(args.layers), str(batch), str(seq)],
-                capture_output=True, text=True, check=True).stdout.split()[-1]) for v in VARIANTS}
+                [sys.executable, __file__, "--child", args.dtype, v, adapter, str(args.layers), str(batch), str(seq)],
+                capture_output=True, text=True, check=True).stdout.split()[-1]) for v in variants}
             flop = step_gflop(args.layers, batch, seq)
-            for variant in VARIANTS:
+            for variant in variants:
                 t = statistics.median(times[variant])
                 row = {"adapter": adapter, "shape": shape, "variant": variant, "seconds": t,
                        "time_ratio": statistics.median(ratios[variant]), "peak_mb": memory[variant],

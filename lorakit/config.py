@@ -55,8 +55,8 @@ PEFT_METADATA_FIELDS = ("peft_type", "auto_mapping", "peft_version", "revision")
 INIT_CHOICES = (True, False, "gaussian")
 # Inits that leave the base weights alone: their trained adapters are plain LoRA, loaded as such.
 LOAD_ONLY_INITS = ("orthogonal", "eva")
-# Inits that rewrite the base weights; PEFT can convert their adapters to plain LoRA.
-CONVERTIBLE_INITS = ("pissa", "olora", "corda", "lora_ga")
+# Data-driven inits that rewrite the base weights too; PEFT makes them and converts their adapters to plain LoRA.
+CONVERTIBLE_INITS = ("corda", "lora_ga")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
@@ -181,7 +181,14 @@ class LoraConfig:
             raise ValueError(f"{path}: not valid JSON ({err})") from err
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object of LoraConfig fields")
-        return cls.from_dict(data, source=path)
+        config = cls.from_dict(data, source=path)
+        if (weight_init(config.init_lora_weights) or (None, None))[1] is not None:
+            warnings.warn(f"{path}: init_lora_weights={config.init_lora_weights!r} rewrites the base weights again "
+                          "on load by a randomized SVD, so they match the ones this adapter was trained on only "
+                          "with the same random draws; save it converted (save_pretrained(..., "
+                          "path_initial_model_for_weight_conversion=...)) or load it onto the saved residual model "
+                          "with init_lora_weights=True", UserWarning, stacklevel=2)
+        return config
 
 
 def _is_number(value: Any) -> bool:
@@ -227,10 +234,27 @@ def _check_types(config: LoraConfig) -> None:
             raise ValueError(f"alpha_pattern[{key!r}] must be a number, got {alpha!r} ({type(alpha).__name__})")
 
 
+def weight_init(init: Any) -> tuple[str, int | None] | None:
+    """The inits that rewrite the base weight (W - scaling * B A, so the model starts as the base; lora/init.py):
+    ("pissa", None) for PiSSA by full SVD, ("pissa", n) for "pissa_niter_<n>" (randomized SVD, n subspace
+    iterations), ("olora", None) for OLoRA by QR (any case, as PEFT); None for any other init.
+    save_pretrained(..., path_initial_model_for_weight_conversion=...) turns such adapters into plain LoRA."""
+    if not isinstance(init, str):
+        return None
+    if init == "pissa" or init.lower() == "olora":
+        return init.lower(), None
+    niter = init.removeprefix("pissa_niter_")
+    return ("pissa", int(niter)) if niter != init and niter.isdigit() else None
+
+
 def _check_init(init: Any) -> None:
-    if init in INIT_CHOICES or init in LOAD_ONLY_INITS:
+    if init in INIT_CHOICES or init in LOAD_ONLY_INITS or weight_init(init):
         return
-    accepted = "init_lora_weights must be True, False or 'gaussian' (or, in a trained adapter, 'orthogonal' or 'eva')"
+    accepted = ("init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' (e.g. "
+                "'pissa_niter_4') or 'olora' (or, in a trained adapter, 'orthogonal' or 'eva')")
+    if isinstance(init, str) and init.startswith("pissa"):
+        raise ValueError(f"{accepted}, got {init!r}: PiSSA's fast SVD is spelled 'pissa_niter_' and a number of "
+                         "subspace iterations")
     if isinstance(init, str) and init.lower().startswith(CONVERTIBLE_INITS):
         raise ValueError(
             f"{accepted}, got {init!r}: that init rewrites the base model's weights, so the trained adapter fits "

@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.config import weight_init
 from lorakit.lora.delta import lora_delta
 from lorakit.lora.dora import dora_scale, low_rank_weight_norm, weight_norm
+from lorakit.lora.init import from_weight
 from lorakit.quant.linear4bit import NF4Linear
 
 
@@ -71,6 +73,8 @@ def is_conv1d(module: nn.Module) -> bool:
 class LoraLayer(WrapsBase):
     """Base module + named low-rank adapters; subclasses give the adapter's shape and output."""
 
+    inits_from_weight = False  # whether PiSSA / OLoRA (lora/init.py) can start its adapters
+
     def __init__(self, base: nn.Module):
         super().__init__(base)
         self.dropout: dict[str, float] = {}  # p of each adapter's input dropout, applied in train mode
@@ -85,6 +89,10 @@ class LoraLayer(WrapsBase):
                     use_dora: bool = False, init: bool | str = True) -> None:
         if use_dora:
             raise ValueError(f"DoRA supports Linear and Conv1D layers, not {type(self.base_layer).__name__}")
+        if weight_init(init) and not self.inits_from_weight:
+            raise ValueError(f"init_lora_weights={init!r} applies to Linear and Conv1D layers, not "
+                             f"{type(self.base_layer).__name__}: leave it out of target_modules, or use "
+                             "init_lora_weights=True")
         self.r[name] = r
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout[name] = dropout
@@ -190,6 +198,8 @@ def _init_pair(A: torch.Tensor, B: torch.Tensor, r: int, init: bool | str) -> No
 class LoraLinear(LoraLayer):
     """nn.Linear, or GPT-2's Conv1D whose weight is stored transposed (fan_in_fan_out)."""
 
+    inits_from_weight = True
+
     def __init__(self, base: nn.Module):
         super().__init__(base)
         self.fan_in_fan_out = is_conv1d(base)
@@ -211,7 +221,23 @@ class LoraLinear(LoraLayer):
     def _create_adapter(self, name, r, init) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
-        _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, r, init)
+        if weight_init(init):
+            self._init_from_weight(name, r, init)
+        else:
+            _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, r, init)
+
+    def _init_from_weight(self, name: str, r: int, init: str) -> None:
+        """PiSSA / OLoRA: A and B taken from the base weight, which becomes W - scaling * B A (same layout)."""
+        if self.is_quantized:
+            raise ValueError(
+                f"init_lora_weights={init!r} needs the full-precision weight, and this layer is 4-bit (NF4): "
+                "initialise on the full-precision model, save its residual weights, and quantise those "
+                "(lorakit.quant.linear4bit.quantize_linears); or use init_lora_weights=True")
+        A, B, residual = from_weight(init, self.weight_out_in(), r, self.scaling[name])
+        with torch.no_grad():
+            self.lora_A[name].weight.data = A
+            self.lora_B[name].weight.data = B
+            self.weight.copy_(residual.T if self.fan_in_fan_out else residual)
 
     def weight_out_in(self) -> torch.Tensor:
         """The base weight as d_out x d_in, whatever its storage (dequantised if it is 4-bit)."""

@@ -8,6 +8,7 @@ save_embedding_layers=True (see loadable_extras).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,8 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from lorakit.config import CONFIG_NAME
+from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.io import files
+from lorakit.lora.init import as_plain_lora
 from lorakit.lora.layers import LoraLayer, ModulesToSave
 from lorakit.model.lora_model import LoraModel
 from lorakit.model.targeting import is_adapter_internal, is_bias
@@ -109,16 +111,58 @@ def adapter_state_dict(lora_model: LoraModel, adapter_name: str) -> dict[str, to
     return {k: t.detach().contiguous() for k, t in adapter_slots(lora_model, adapter_name).items()}
 
 
-def save_adapter(lora_model: LoraModel, directory: str | os.PathLike, adapter_name: str) -> None:
-    """Write adapter_config.json and adapter_model.safetensors, each replaced atomically."""
+def save_adapter(lora_model: LoraModel, directory: str | os.PathLike, adapter_name: str,
+                 initial: str | os.PathLike | None = None) -> None:
+    """Write adapter_config.json and adapter_model.safetensors, each replaced atomically. `initial`: the folder
+    of this adapter saved before training (PiSSA / OLoRA); the adapter is then saved as plain LoRA for the
+    original base weights (as PEFT's path_initial_model_for_weight_conversion)."""
     os.makedirs(directory, exist_ok=True)
-    state, storages = adapter_state_dict(lora_model, adapter_name), set()
+    state, config = adapter_state_dict(lora_model, adapter_name), lora_model.peft_config[adapter_name]
+    if initial is not None:
+        state, config = plain_lora_for_original_base(state, config, initial)
+    storages = set()
     for key, tensor in state.items():  # safetensors refuses tensors sharing memory (tied weights); PEFT clones too
         storage = tensor.untyped_storage().data_ptr()
         state[key] = tensor.clone() if storage in storages else tensor
         storages.add(storage)
     files.save_safetensors(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    lora_model.peft_config[adapter_name].save_pretrained(directory)
+    config.save_pretrained(directory)
+
+
+def plain_lora_for_original_base(state: dict[str, torch.Tensor], config: LoraConfig,
+                                 initial: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """A trained PiSSA / OLoRA adapter (over W_res = W - s B0 A0) as plain LoRA over W, with (A0, B0) read from
+    the adapter saved before training in `initial`: each lora_A / lora_B pair becomes as_plain_lora's rank-2r
+    pair, and r, lora_alpha (by sqrt(2) with rsLoRA), rank_pattern and alpha_pattern double, as PEFT does.
+    Other tensors (biases, modules_to_save) do not depend on W_res and are kept (PEFT drops them)."""
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ValueError("path_initial_model_for_weight_conversion cannot convert an rsLoRA adapter with "
+                         "rank_pattern or alpha_pattern (doubling r and alpha would change its scaling), as in PEFT")
+    if config.use_dora:
+        raise ValueError("path_initial_model_for_weight_conversion cannot convert a DoRA adapter: its magnitude "
+                         "was measured against the rewritten base weights, which plain LoRA cannot express")
+    start = read_adapter_file(initial)
+    out = dict(state)
+    for key_A in (k for k in state if k.endswith(".lora_A.weight")):
+        key_B = key_A.replace(".lora_A.weight", ".lora_B.weight")
+        A0, B0 = (_initial_tensor(start, key, state[key], initial) for key in (key_A, key_B))
+        out[key_A], out[key_B] = as_plain_lora(state[key_A], state[key_B], A0, B0)
+    doubled = {"init_lora_weights": True, "r": 2 * config.r,
+               "lora_alpha": config.lora_alpha * (2**0.5 if config.use_rslora else 2),
+               "rank_pattern": {k: 2 * v for k, v in config.rank_pattern.items()},
+               "alpha_pattern": {k: 2 * v for k, v in config.alpha_pattern.items()}}
+    return out, dataclasses.replace(config, **doubled)
+
+
+def _initial_tensor(start: dict[str, torch.Tensor], key: str, trained: torch.Tensor,
+                    initial: str | os.PathLike) -> torch.Tensor:
+    """The tensor `key` of the initial adapter, checked to fit the trained one."""
+    tensor = start.get(key)
+    if tensor is None or tensor.shape != trained.shape:
+        found = "is missing" if tensor is None else f"has shape {tuple(tensor.shape)}"
+        raise ValueError(f"initial adapter {os.fspath(initial)!r}: {key} {found}, the trained adapter has "
+                         f"{tuple(trained.shape)}; pass the folder this adapter was saved to before training")
+    return tensor.to(trained.dtype)
 
 
 def write_model_card(directory: str | os.PathLike, base_model: str | None, tags: list[str],

@@ -11,6 +11,7 @@ from torch import nn
 from lorakit.config import LoraConfig, TaskType
 from lorakit.families import SEQ_CLS_HEADS, family
 from lorakit.lora.layers import LoraLayer, LoraLinear, ModulesToSave, lora_layer_class
+from lorakit.model import combine
 from lorakit.model.targeting import (
     all_linear_names,
     is_adapter_internal,
@@ -174,6 +175,22 @@ class LoraModel(nn.Module):
                           f"Setting active adapter to {remaining[0]}.", stacklevel=2)
         self.active_adapters = remaining
         self._refresh_trainable()
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """A new adapter (inactive until set_adapter) combining existing ones, as PEFT's of that name.
+
+        combination_type: 'svd' (default), 'linear', 'cat', 'ties', 'ties_svd', 'dare_linear', 'dare_ties',
+        'dare_linear_svd', 'dare_ties_svd', 'magnitude_prune', 'magnitude_prune_svd'. 'cat' and 'svd' are
+        exact (svd up to its rank, svd_rank, default the largest source rank); 'linear' and the other
+        kinds without '_svd' mix the factors themselves and need one rank. The TIES and DARE kinds keep
+        `density` of each tensor (DARE at random, from torch's global generator); the TIES ones elect
+        signs by `majority_sign_method` ('total' or 'frequency'). svd_clamp clips the factors to a quantile."""
+        combine.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                                     svd_full_matrices, svd_driver, density, majority_sign_method)
 
     def _check_exists(self, names: list[str]) -> None:
         unknown = [n for n in names if n not in self.peft_config]

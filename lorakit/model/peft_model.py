@@ -98,6 +98,11 @@ class PeftModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
 
+    def add_weighted_adapter(self, *args, **kwargs) -> None:
+        """A new adapter combining existing ones (LoraModel.add_weighted_adapter has the arguments)."""
+        self.base_model.add_weighted_adapter(*args, **kwargs)
+        self._install_memory_savers()
+
     @contextmanager
     def disable_adapter(self):
         with self.base_model.disable_adapter():
@@ -122,9 +127,13 @@ class PeftModel(nn.Module):
 
     # --- files ----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        is_main_process: bool = True, **_ignored) -> None:
+                        is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+                        **_ignored) -> None:
         """PEFT's layout: 'default' at the top of the folder, any other adapter in a subfolder of its name;
-        a model card (README.md) at the top unless one is there."""
+        a model card (README.md) at the top unless one is there. path_initial_model_for_weight_conversion:
+        the folder a PiSSA / OLoRA adapter was saved to before training; the trained adapter is then saved
+        as plain LoRA (rank 2r) for the original base weights, as PEFT does."""
         if not is_main_process:
             return
         if os.path.isfile(save_directory):
@@ -137,7 +146,7 @@ class PeftModel(nn.Module):
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = base_name
             target = save_directory if name == "default" else os.path.join(save_directory, name)
-            adapter_files.save_adapter(self.base_model, target, name)
+            adapter_files.save_adapter(self.base_model, target, name, path_initial_model_for_weight_conversion)
         self._write_model_card(save_directory, self.peft_config[names[0]])
 
     def _write_model_card(self, directory: str | os.PathLike, config: LoraConfig) -> None:

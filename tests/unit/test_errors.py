@@ -40,7 +40,7 @@ def test_untargetable_module_type_is_named():
     ({"r": 2.5}, r"r must be a positive integer .* got 2.5"),
     ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive integer"),
     ({"bias": "some"}, r"bias must be one of \('none', 'all', 'lora_only'\)"),
-    ({"init_lora_weights": "pissa"}, r"init_lora_weights must be True, False or 'gaussian'"),
+    ({"init_lora_weights": "corda"}, r"init_lora_weights must be True, False, 'gaussian', 'pissa'"),
     ({"lora_dropout": 1.5}, r"lora_dropout must be in \[0, 1\)"),
     ({"task_type": "CHAT"}, r"task_type must be one of"),
 ])
