@@ -33,12 +33,21 @@ def checkpoint_files(folder: Path) -> list[Path]:
                             "safetensors checkpoints only")
 
 
-def _model_key(key: str, model_keys: set[str], prefix: str) -> str | None:
+def model_key(key: str, model_keys: set[str], prefix: str) -> str | None:
     """The model's name for a checkpoint key (task models add or drop the base model's prefix)."""
     for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
         if candidate in model_keys:
             return candidate
     return None
+
+
+def nf4_layer_names(model: nn.Module, skip: set[str]) -> set[str]:
+    """The layers 4-bit loading stores in NF4: every nn.Linear but the output head and those whose
+    last name part is in `skip` or that lie inside a module path in `skip` (a VLM's vision tower)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name for name, m in model.named_modules()
+            if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in skip and m is not head
+            and not any(name.startswith(f"{path}.") for path in skip)}
 
 
 def _quant_state_owner(key: str) -> tuple[str, bool]:
@@ -77,9 +86,7 @@ def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
     config = AutoConfig.from_pretrained(folder, **config_kwargs)
     with init_empty_weights(include_buffers=False):
         model = auto_class.from_config(config, dtype=dtype)
-    quantize = {name for name, m in model.named_modules()
-                if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in skip
-                and m is not model.get_output_embeddings()}
+    quantize = nf4_layer_names(model, skip)
     model_keys = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "")
     prequantized = {}
@@ -93,7 +100,7 @@ def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
                 if is_state or f"{key}.quant_state.bitsandbytes__nf4" in keys:
                     prequantized.setdefault(owner, {})[key] = reader.get_tensor(key).clone()
                     continue
-                name = _model_key(key, model_keys, prefix)
+                name = model_key(key, model_keys, prefix)
                 if name is None:
                     continue
                 tensor = reader.get_tensor(key)
@@ -104,7 +111,7 @@ def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
                     _set_tensor(model, name, tensor.to(dtype, copy=True) if tensor.is_floating_point()
                                 else tensor.clone())
     for owner, state in prequantized.items():  # a checkpoint saved in bitsandbytes' 4-bit form
-        name = _model_key(f"{owner}.weight", model_keys, prefix)
+        name = model_key(f"{owner}.weight", model_keys, prefix)
         if name is None:
             raise ValueError(f"4-bit checkpoint weight {owner}.weight matches no module of {type(model).__name__}")
         _put_nf4(model, name.removesuffix(".weight"), from_state_dict(state, prefix=f"{owner}.weight"))

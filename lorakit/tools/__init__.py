@@ -1,0 +1,1 @@
+"""The adapter toolbox: merge to a model folder, resize, extract, inspect."""
