@@ -20,7 +20,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, 
 # The modules each verb imports, and the extra that installs them (tensorboard is optional).
 NEEDS = {"train": (("transformers", "datasets", "yaml", "tqdm", "matplotlib"), "train"),
          "infer": (("transformers", "datasets", "yaml"), "train"),
-         "serve": (("transformers", "fastapi", "uvicorn"), "serve"),
+         "serve": (("transformers", "fastapi", "uvicorn", "prometheus_client"), "serve"),
          "plan": ((), "train"),
          "merge": (("transformers", "tqdm"), "train"),
          "resize": (("tqdm",), "train"),

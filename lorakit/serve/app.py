@@ -1,26 +1,37 @@
-"""The HTTP API: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus /health.
+"""The HTTP API: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, vLLM's
+/v1/load_lora_adapter and /v1/unload_lora_adapter, plus /metrics and /health.
 
 The request's `model` picks what answers: the base model's name (`Service.base_name`) or the
-name of an adapter folder. Every error is a 4xx/5xx with OpenAI's {"error": {...}} body.
+name of an adapter. Every error is a 4xx/5xx with OpenAI's {"error": {...}} body.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import ipaddress
 import json
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from lorakit.serve.batcher import Batcher, InvalidRequest, Job, ShuttingDown
+from lorakit.serve.batcher import Batcher, InvalidRequest, Job, QueueFull, ShuttingDown
 from lorakit.serve.generate import GenerationRequest
-from lorakit.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, Reply
-from lorakit.serve.registry import AdapterLoadError, UnknownAdapter
+from lorakit.serve.metrics import CONTENT_TYPE, UNKNOWN_MODEL, Metrics
+from lorakit.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    Reply,
+    UnloadAdapterRequest,
+)
+from lorakit.serve.registry import AdapterExists, AdapterLoadError, PathNotAllowed, UnknownAdapter, check_name
 
 
 @dataclass
@@ -35,6 +46,12 @@ class Service:
     max_body_bytes: int = 1 << 20
     body_timeout_s: float = 30.0
     allowed_hosts: frozenset[str] = frozenset()  # Host names accepted besides localhost's (see TrustedHosts)
+    api_key: str | None = None  # the Bearer token every route but /health needs (None: no authentication)
+    adapter_api: bool = False  # whether /v1/load_lora_adapter and /v1/unload_lora_adapter work
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.batcher)
 
     def adapter_for(self, model: str) -> str | None:
         """The adapter a request's `model` names (None: the base model), or a 404."""
@@ -56,21 +73,25 @@ def create_app(service: Service) -> FastAPI:
 
     app = FastAPI(title="lorakit serve", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=service.max_body_bytes, timeout_s=service.body_timeout_s)
+    app.add_middleware(ApiKey, key=service.api_key)  # before the body is read
     app.add_middleware(TrustedHosts, allowed=service.allowed_hosts)  # added last: runs first
     started = int(time.time())
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
         content_type = request.headers.get("content-type", "").split(";")[0].strip()
         if content_type != "application/json" and not content_type.endswith("+json"):
             # JSON is read only when declared so (a browser page cannot post it cross-site unasked)
-            return await _api_error(request, APIError(400, "send the request body as JSON, with the header "
-                                                      "Content-Type: application/json"))
-        return await _api_error(request, validation_error(err))
+            error = APIError(400, "send the request body as JSON, with the header Content-Type: application/json")
+        else:
+            error = validation_error(err)
+        if request.url.path in GENERATION_ROUTES:
+            service.metrics.request(UNKNOWN_MODEL, error.status)
+        return await _api_error(request, error)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, err: HTTPException):
@@ -102,13 +123,81 @@ def create_app(service: Service) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest):
         return await answer(service, body)
 
+    @app.get("/metrics")
+    def metrics():
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    add_adapter_routes(app, service)
     return app
 
 
+GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+def add_adapter_routes(app: FastAPI, service: Service) -> None:
+    """vLLM's routes to load and unload adapters by name; with the API off, both answer 404."""
+    if not service.adapter_api:
+        @app.post("/v1/load_lora_adapter")
+        @app.post("/v1/unload_lora_adapter")
+        async def adapter_api_off(request: Request):
+            raise APIError(404, f"POST {request.url.path}: loading and unloading adapters over HTTP is off on "
+                                "this server (start it with --enable_adapter_api)", code="adapter_api_disabled")
+        return
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(body: LoadAdapterRequest):
+        try:
+            check_name(body.lora_name)
+        except ValueError as err:
+            raise APIError(400, str(err), param="lora_name") from None
+        if body.lora_name == service.base_name:
+            raise APIError(400, f"{body.lora_name!r} is the base model's name", param="lora_name",
+                           code="adapter_exists")
+        try:  # the files are read in a thread: neither the event loop nor the model's worker waits
+            await asyncio.to_thread(service.batcher.registry.register, body.lora_name, body.lora_path)
+        except Exception as err:
+            raise load_error(service, err) from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(body: UnloadAdapterRequest):
+        try:
+            service.batcher.registry.unregister(body.lora_name)
+        except UnknownAdapter as err:
+            raise APIError(404, str(err), param="lora_name", code="adapter_not_found") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def load_error(service: Service, err: Exception) -> APIError:
+    """Why POST /v1/load_lora_adapter failed, as vLLM answers it: 404 when there is no adapter at
+    the path, 400 otherwise."""
+    message = service.batcher.registry.relative(str(err))
+    if isinstance(err, UnknownAdapter):
+        return APIError(404, message, param="lora_path", code="adapter_not_found")
+    if isinstance(err, PathNotAllowed):
+        return APIError(400, message, param="lora_path", code="adapter_path_not_allowed")
+    if isinstance(err, AdapterExists):
+        return APIError(400, message, param="lora_name", code="adapter_exists")
+    return APIError(400, f"the adapter could not be loaded: {message}", param="lora_path", code="adapter_load_failed")
+
+
 async def answer(service: Service, body: CompletionRequest | ChatCompletionRequest):
+    """generate(), counted in the metrics by model and status."""
+    model = UNKNOWN_MODEL
+    try:
+        body.check_supported()
+        adapter = service.adapter_for(body.model)
+        model = body.model
+        response = await generate(service, body, adapter)
+    except APIError as err:
+        service.metrics.request(model, err.status)
+        raise
+    service.metrics.request(model, 200)
+    return response
+
+
+async def generate(service: Service, body: CompletionRequest | ChatCompletionRequest, adapter: str | None):
     """Check the request, queue it, and answer with the whole result or a stream of chunks."""
-    body.check_supported()
-    adapter = service.adapter_for(body.model)
     prompt_ids = body.prompt_ids(service.tokenizer)
     request = GenerationRequest(
         prompt_ids=prompt_ids, adapter=adapter,
@@ -116,10 +205,14 @@ async def answer(service: Service, body: CompletionRequest | ChatCompletionReque
         temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's defaults
         top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=body.stop)
     reply = Reply(chat=isinstance(body, ChatCompletionRequest), model=body.model)
-    job = service.batcher.submit(request, stream=bool(body.stream))
+    try:
+        job = service.batcher.submit(request, stream=bool(body.stream))
+    except QueueFull as err:  # 429 + Retry-After: OpenAI's clients back off and retry on their own
+        raise APIError(429, str(err), code="queue_full", type="server_error", headers={"Retry-After": "1"}) from None
     try:
         if not body.stream:
             result = await next_result(job)
+            service.metrics.finished(body.model, job, result)
             return reply.whole(result.text, result.finish_reason, result.prompt_tokens, len(result.token_ids))
         first = await job.events.get()  # wait for it, so that a failure still gets its HTTP status
         if first[0] == "error":
@@ -127,8 +220,8 @@ async def answer(service: Service, body: CompletionRequest | ChatCompletionReque
     except BaseException:
         job.cancelled = True
         raise
-    return StreamingResponse(stream_events(job, reply, first, body.include_usage), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(stream_events(service, job, reply, first, body.include_usage),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def check_lengths(service: Service, prompt_ids: list[int], max_tokens: int | None, prompt_field: str) -> int:
@@ -160,7 +253,7 @@ async def next_result(job: Job):
             raise as_api_error(value)
 
 
-async def stream_events(job: Job, reply: Reply, event: tuple, include_usage: bool):
+async def stream_events(service: Service, job: Job, reply: Reply, event: tuple, include_usage: bool):
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
     try:
         if reply.chat:
@@ -170,6 +263,7 @@ async def stream_events(job: Job, reply: Reply, event: tuple, include_usage: boo
             if kind == "text":
                 yield sse(reply.chunk(value))
             elif kind == "done":
+                service.metrics.finished(reply.model, job, value)
                 yield sse(reply.chunk(None, value.finish_reason))
                 if include_usage:
                     yield sse(reply.usage_chunk(value.prompt_tokens, len(value.token_ids)))
@@ -258,6 +352,35 @@ def is_ip(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+class ApiKey:
+    """ASGI middleware: with a key set, every route but /health needs the header
+    `Authorization: Bearer <key>`; others get OpenAI's 401 (code invalid_api_key), before their
+    body is read. The comparison takes the same time whatever the token (hmac.compare_digest of
+    SHA-256 digests, so not even the key's length shows)."""
+
+    OPEN = frozenset({"/health"})
+
+    def __init__(self, app, key: str | None):
+        self.app = app
+        self.digest = None if key is None else hashlib.sha256(key.encode()).digest()
+
+    def accepts(self, header: bytes | None) -> bool:
+        scheme, _, token = (header or b"").partition(b" ")
+        given = hashlib.sha256(token.strip()).digest()
+        return hmac.compare_digest(given, self.digest) and scheme.lower() == b"bearer"
+
+    async def __call__(self, scope, receive, send):
+        if self.digest is None or scope["type"] != "http" or scope["path"] in self.OPEN:
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers", [])).get(b"authorization")
+        if self.accepts(header):
+            return await self.app(scope, receive, send)
+        message = ("Incorrect API key provided" if header else
+                   "You didn't provide an API key: send it in the header Authorization: Bearer <key>")
+        error = APIError(401, message, code="invalid_api_key")
+        await JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
 
 
 class BodyLimit:

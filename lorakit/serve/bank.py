@@ -20,10 +20,11 @@ from torch import nn
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.families import family
 from lorakit.lora.dora import weight_norm
-from lorakit.lora.layers import WrapsBase, is_conv1d
+from lorakit.lora.layers import WrapsBase, dense_weight, is_conv1d
 from lorakit.model.adapter_files import LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, read_adapter_file
 from lorakit.model.targeting import layer_index_ok, name_matches, pattern_value
 from lorakit.modules import replace_module
+from lorakit.quant.linear4bit import NF4Linear
 
 _KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)")
 
@@ -44,18 +45,30 @@ class _ModuleAdapter:
     magnitude: torch.Tensor | None  # DoRA's m (d_out), or None
 
 
+def servable(module: nn.Module) -> bool:
+    """Whether a bank layer can wrap `module`: a Linear, a GPT-2 Conv1D or a 4-bit NF4Linear."""
+    return isinstance(module, (nn.Linear, NF4Linear)) or is_conv1d(module)
+
+
+def in_out(module: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of a servable module."""
+    if isinstance(module, NF4Linear):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape if is_conv1d(module) else module.weight.shape[::-1])
+
+
 class BankLinear(WrapsBase):
-    """A Linear or GPT-2 Conv1D that adds to each batch row its own adapter's output:
+    """A Linear, GPT-2 Conv1D or NF4Linear that adds to each batch row its own adapter's output:
     out = (W x + s B A x) * dora_scale[a] + bias, a = that row's slot. Keys stay the base's."""
 
     def __init__(self, base: nn.Module, rows: _Rows, n_slots: int):
         super().__init__(base)
         self.rows = rows
         self.fan_in_fan_out = is_conv1d(base)
-        weight = base.weight
-        self.d_in, self.d_out = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
-        self.stacked_A = weight.new_zeros(n_slots, self.d_in, 0)  # A transposed, per slot
-        self.stacked_B = weight.new_zeros(n_slots, 0, self.d_out)  # (s B) transposed, per slot
+        self.d_in, self.d_out = in_out(base)
+        like = base.weight_packed.new_empty(0, dtype=base.weight_dtype) if isinstance(base, NF4Linear) else base.weight
+        self.stacked_A = like.new_zeros(n_slots, self.d_in, 0)  # A transposed, per slot
+        self.stacked_B = like.new_zeros(n_slots, 0, self.d_out)  # (s B) transposed, per slot
         self.dora_scale: torch.Tensor | None = None  # slots x d_out: m / ||W + sBA||, 1 for plain LoRA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +93,9 @@ class BankLinear(WrapsBase):
         return (rows if bias is None else rows.add_(bias)).view(out.shape)
 
     def weight_out_in(self) -> torch.Tensor:
-        return self.base_layer.weight.T if self.fan_in_fan_out else self.base_layer.weight
+        """The base weight as out x in, dequantised if it is stored in 4 bits (for DoRA's norm)."""
+        weight = dense_weight(self.base_layer)
+        return weight.T if self.fan_in_fan_out else weight
 
     def resize(self, n_slots: int, rank: int) -> None:
         """Grow the stacks to n_slots slots and rank r (zero-padded), keeping what they hold."""
@@ -136,11 +151,18 @@ class AdapterBank:
     def names(self) -> list[str]:
         return list(self._slots)
 
-    def load(self, name: str, folder: str | os.PathLike) -> None:
-        """Add the PEFT-format adapter in `folder` under `name`; nothing changes if it does not fit."""
+    def read(self, folder: str | os.PathLike) -> dict[str, _ModuleAdapter]:
+        """The adapter in `folder`, read and checked against the model without changing the bank
+        (safe beside a running batch: a server reads here and loads those tensors between batches)."""
+        return read_adapter(folder, self.model)
+
+    def load(self, name: str, folder: str | os.PathLike, modules: dict[str, _ModuleAdapter] | None = None) -> None:
+        """Add the PEFT-format adapter in `folder` (or its tensors as read() gave them) under `name`;
+        nothing changes if it does not fit."""
         if name in self._slots:
             raise ValueError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
-        modules = read_adapter(folder, self.model)
+        if modules is None:
+            modules = read_adapter(folder, self.model)
         used = set(self._slots.values())
         slot = next((s for s in range(1, self._n_slots) if s not in used), None)
         if slot is None:
@@ -247,13 +269,13 @@ def _module_adapter(folder: str, config: LoraConfig, model: nn.Module, path: str
         raise ValueError(f"{where}: {type(model).__name__} has no such module; "
                          "was the adapter trained for another model?") from None
     module = module.base_layer if isinstance(module, BankLinear) else module
-    if not (isinstance(module, nn.Linear) or is_conv1d(module)):
-        raise ValueError(f"{where} is a {type(module).__name__}; the bank serves LoRA on nn.Linear and "
-                         "GPT-2 Conv1D layers only")
+    if not servable(module):
+        raise ValueError(f"{where} is a {type(module).__name__}; the bank serves LoRA on nn.Linear, "
+                         "GPT-2 Conv1D and NF4Linear layers only")
     if "lora_A" not in found or "lora_B" not in found:
         raise ValueError(f"{where}: the file has {sorted(found)} but needs both lora_A and lora_B")
     A, B, magnitude = found["lora_A"], found["lora_B"], found.get("lora_magnitude_vector")
-    d_in, d_out = module.weight.shape if is_conv1d(module) else module.weight.shape[::-1]
+    d_in, d_out = in_out(module)
     r = A.shape[0]
     if A.shape != (r, d_in) or B.shape != (d_out, r) or (magnitude is not None and magnitude.shape != (d_out,)):
         raise ValueError(f"{where}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit a layer of "

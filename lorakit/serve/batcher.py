@@ -29,6 +29,9 @@ class Job:
     stream: bool = False  # whether it wants ("text", delta) events
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set by the event loop when the client went away
+    submitted: float = field(default_factory=time.monotonic)  # times for the metrics (time.monotonic)
+    first_token: float | None = None
+    finished: float | None = None
 
     def emit(self, kind: str, value) -> None:
         """Called from the worker thread: hand an event to the event loop."""
@@ -39,20 +42,31 @@ class ShuttingDown(RuntimeError):
     """The server stopped before this request ran."""
 
 
+class QueueFull(RuntimeError):
+    """As many requests wait as the server queues; this one is turned away."""
+
+
 class InvalidRequest(ValueError):
     """The request cannot be generated (a bad seed, prompt, length, ...): it fails alone, not its batch."""
 
 
 class Batcher:
-    def __init__(self, registry: AdapterRegistry, tokenizer, max_batch_size: int = 32, window_s: float = 0.01):
-        if max_batch_size < 1 or window_s < 0:
-            raise ValueError(f"max_batch_size must be >= 1 and the batch window >= 0, "
-                             f"got {max_batch_size} and {window_s}")
+    def __init__(self, registry: AdapterRegistry, tokenizer, max_batch_size: int = 32, window_s: float = 0.01,
+                 max_queue: int | None = None):
+        if max_batch_size < 1 or window_s < 0 or (max_queue is not None and max_queue < 0):
+            raise ValueError(f"max_batch_size must be >= 1, the batch window and the queue >= 0, "
+                             f"got {max_batch_size}, {window_s} and {max_queue}")
         self.registry, self.tokenizer = registry, tokenizer
-        self.max_batch_size, self.window_s = max_batch_size, window_s
+        self.max_batch_size, self.window_s, self.max_queue = max_batch_size, window_s, max_queue
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._held: deque[Job] = deque()  # jobs left out of a batch for its adapter count; they go first
         self._thread = threading.Thread(target=self._run, name="lorakit-model", daemon=True)
+        self.running = 0  # requests in the batch being generated
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a later batch."""
+        return self._queue.qsize() + len(self._held)
 
     def start(self) -> None:
         self._thread.start()
@@ -63,7 +77,11 @@ class Batcher:
         self._thread.join()
 
     def submit(self, request: GenerationRequest, stream: bool = False) -> Job:
-        """Queue a request (from the event loop); read its events from job.events."""
+        """Queue a request (from the event loop); read its events from job.events. QueueFull when
+        max_queue requests wait already."""
+        if self.max_queue is not None and self.waiting >= self.max_queue:
+            raise QueueFull(f"the server's queue is full ({self.max_queue} requests wait for a batch); "
+                            "retry after a moment")
         job = Job(request, asyncio.get_running_loop(), stream)
         self._queue.put(job)
         return job
@@ -118,11 +136,18 @@ class Batcher:
             return
 
         def on_text(row: int, delta: str) -> None:
-            if jobs[row].stream:
-                jobs[row].emit("text", delta)
+            job = jobs[row]
+            job.first_token = job.first_token or time.monotonic()
+            if delta and job.stream:
+                job.emit("text", delta)
 
-        results = generate_batch(self.registry.bank, self.tokenizer, [j.request for j in jobs], on_text)
+        self.running = len(jobs)
+        try:
+            results = generate_batch(self.registry.bank, self.tokenizer, [j.request for j in jobs], on_text)
+        finally:
+            self.running = 0
         for job, result in zip(jobs, results):
+            job.finished = time.monotonic()
             job.emit("done", result)
 
     def _valid(self, job: Job) -> bool:

@@ -135,8 +135,9 @@ def _next_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
 @torch.no_grad()
 def generate_batch(bank: AdapterBank, tokenizer, requests: list[GenerationRequest],
                    on_text: Callable[[int, str], None] | None = None) -> list[GenerationResult]:
-    """Generate for all requests in one batch; results in request order. on_text(i, delta) streams
-    request i's text as it becomes final: the deltas of a request concatenate to its result.text."""
+    """Generate for all requests in one batch; results in request order. on_text(i, delta) is called
+    after each token of request i with the text it made final (maybe empty): the deltas of a request
+    concatenate to its result.text."""
     model = bank.model
     config = model.config
     for i, request in enumerate(requests):
@@ -164,7 +165,7 @@ def generate_batch(bank: AdapterBank, tokenizer, requests: list[GenerationReques
         tokens = _next_tokens(logits, live)
         for row, token in zip(live, tokens):
             delta = row.push(token)
-            if delta and on_text is not None:
+            if on_text is not None:
                 on_text(row.index, delta)
         keep = [i for i, row in enumerate(live) if row.finish_reason is None]
         if not keep:

@@ -19,9 +19,10 @@ class APIError(Exception):
     """An error answered as OpenAI does: HTTP status + {"error": {message, type, param, code}}."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers  # extra response headers (Retry-After, ...)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -203,3 +204,16 @@ class Reply:
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
         return self._body([], chunk=True, usage=usage(prompt_tokens, completion_tokens))
+
+
+class LoadAdapterRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter body."""
+    model_config = ConfigDict(strict=True, extra="ignore")
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapterRequest(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter body (its lora_int_id is not used here)."""
+    model_config = ConfigDict(strict=True, extra="ignore")
+    lora_name: str = Field(min_length=1)

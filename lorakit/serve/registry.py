@@ -1,15 +1,19 @@
-"""Which adapters a server may serve (folders directly inside one directory), and which are loaded.
+"""Which adapters a server may serve, and which are loaded.
 
-A name is a folder name under the adapters directory, nothing else: no path separators, no `..`,
-no symlink that leads out of the directory, and only safetensors weights. Adapters load into the
-AdapterBank on first use; past `max_loaded` the least recently used one not needed now is unloaded.
-Messages name adapters by folder name, never by their path on the server.
+Two kinds of names: a folder directly inside the adapters directory (its name, nothing else: no
+path separators, no `..`, no symlink that leads out of the directory), and a name registered with
+a folder (`--lora_modules`, or POST /v1/load_lora_adapter), whose folder must lie inside the adapters
+directory unless the server allows others. Only safetensors weights are read. Adapters load into
+the AdapterBank on first use; past `max_loaded` the least recently used one not needed now is
+unloaded. Messages name adapters by name, never by their path on the server.
 """
 from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
+import threading
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
@@ -28,10 +32,30 @@ class AdapterLoadError(RuntimeError):
     """The adapter folder exists but could not be loaded into the model."""
 
 
-class AdapterRegistry:
-    """Adapter folders under `root`, loaded into `bank` on demand with least-recently-used eviction."""
+class AdapterExists(ValueError):
+    """A name registered twice, or one that a folder of the adapters directory already has."""
 
-    def __init__(self, bank, root: str | os.PathLike, max_loaded: int):
+
+class PathNotAllowed(ValueError):
+    """A folder outside the adapters directory, on a server that serves only folders inside it."""
+
+
+MAX_NAME = 256  # characters in a registered adapter name
+
+
+@dataclass
+class Registered:
+    """A name registered with a folder, and its tensors as read ahead (dropped once in the bank)."""
+    folder: Path
+    stamp: tuple
+    modules: dict | None
+
+
+class AdapterRegistry:
+    """Adapter folders under `root` and registered names, loaded into `bank` on demand with
+    least-recently-used eviction. `stats` counts cache hits, loads and evictions."""
+
+    def __init__(self, bank, root: str | os.PathLike, max_loaded: int, allow_outside: bool = False):
         if max_loaded < 1:
             raise ValueError(f"max_loaded_adapters must be >= 1, got {max_loaded}")
         self.root = Path(root).resolve()
@@ -39,12 +63,21 @@ class AdapterRegistry:
             raise FileNotFoundError(f"adapters folder not found: {root}")
         self.bank = bank
         self.max_loaded = max_loaded
-        self._loaded: OrderedDict[str, tuple] = OrderedDict()  # name -> file stamps, oldest use first
+        self.allow_outside = allow_outside
+        self.stats: Counter[str] = Counter()  # "hits", "loads", "evictions"
+        self._loaded: OrderedDict[str, tuple] = OrderedDict()  # name -> (folder, file stamps), oldest use first
         self._checked: dict[str, tuple] = {}  # name -> (file stamps, what check() found wrong or None)
         self._skipped: dict[str, str] = {}  # folder -> why names() left it out (logged when it changes)
+        self._registered: dict[str, Registered] = {}  # guarded by _lock: the HTTP threads change it
+        self._retired: set[str] = set()  # unregistered names the worker unloads before its next batch
+        self._lock = threading.Lock()
 
     def folder(self, name: str) -> Path:
         """The folder of adapter `name`, or UnknownAdapter saying why it is not servable."""
+        with self._lock:
+            entry = self._registered.get(name)
+        if entry is not None:
+            return entry.folder
         if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
             raise UnknownAdapter(f"model {name!r} not found: adapter names are plain folder names "
                                  "(no '/', '\\' or '..')")
@@ -98,8 +131,11 @@ class AdapterRegistry:
         return message.replace(f"{self.root}{os.sep}", "").replace(str(self.root), ".")
 
     def names(self) -> list[str]:
-        """The adapters that pass check(), read from disk now (new folders appear without a restart).
-        A folder left out is logged with the reason, once (again if the reason changes)."""
+        """The adapters that pass check(): folders read from disk now (new folders appear without a
+        restart), then registered names. A folder left out is logged with the reason, once (again if
+        the reason changes)."""
+        with self._lock:
+            registered = list(self._registered)
         found = []
         for entry in sorted(os.listdir(self.root)):
             try:
@@ -111,7 +147,65 @@ class AdapterRegistry:
                 continue
             self._skipped.pop(entry, None)
             found.append(entry)
-        return found
+        return [*(n for n in found if n not in registered), *registered]
+
+    def register(self, name: str, path: str | os.PathLike, trusted: bool = False) -> None:
+        """Serve the adapter folder `path` as `name`: its files are checked and its tensors read now,
+        in the caller's thread (never the model's); the worker puts them in the bank on first use.
+        A relative path is taken inside the adapters directory. `trusted` (start-up flags) lifts the
+        rule that the folder lies inside it. UnknownAdapter if there is no adapter at `path`;
+        PathNotAllowed, AdapterExists, or ValueError saying what is wrong."""
+        check_name(name)
+        if self._is_folder(name):
+            raise AdapterExists(f"adapter {name!r} is a folder of the adapters directory already")
+        with self._lock:
+            if name in self._registered:
+                raise AdapterExists(f"the adapter {name!r} has already been loaded; unload it first")
+        folder = self.registered_folder(path, trusted)
+        problem = self._problem(folder)
+        if problem:
+            raise ValueError(problem)
+        stamp = _stamp(folder)
+        modules = self.bank.read(folder)
+        with self._lock:
+            if name in self._registered:
+                raise AdapterExists(f"the adapter {name!r} has already been loaded; unload it first")
+            self._registered[name] = Registered(folder, stamp, modules)
+        log.info("registered adapter %r", name)
+
+    def unregister(self, name: str) -> None:
+        """Stop serving a registered name; the worker unloads it from the bank before its next batch,
+        so a running batch that uses it finishes with it. UnknownAdapter if the name is not registered."""
+        with self._lock:
+            if name not in self._registered:
+                raise UnknownAdapter(f"the adapter {name!r} cannot be found among the adapters loaded by name "
+                                     "(an adapter folder stops being served when its folder is removed)")
+            del self._registered[name]
+            self._retired.add(name)
+        log.info("unregistered adapter %r", name)
+
+    def _is_folder(self, name: str) -> bool:
+        """Whether `name` is a plain name that a folder of the adapters directory has."""
+        if name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+            return False
+        try:
+            return (self.root / name).is_dir()
+        except OSError:  # a name too long for the file system
+            return False
+
+    def registered_folder(self, path: str | os.PathLike, trusted: bool) -> Path:
+        """The adapter folder a registration names, resolved; PathNotAllowed or UnknownAdapter."""
+        folder = (self.root / path).resolve()  # an absolute path stays as it is
+        if not (trusted or self.allow_outside):
+            for part in (folder, folder / CONFIG_NAME, folder / WEIGHTS_NAME):
+                if not _inside(part.resolve(), self.root):
+                    raise PathNotAllowed(f"lora_path {os.fspath(path)!r} leads outside the adapters directory; "
+                                         "this server loads adapters from inside it only "
+                                         "(start it with --allow_adapter_paths_outside to lift this)")
+        if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+            raise UnknownAdapter(f"no adapter found at lora_path {os.fspath(path)!r}: an adapter folder needs "
+                                 f"{CONFIG_NAME} and {WEIGHTS_NAME} (only safetensors weights are served)")
+        return folder
 
     @property
     def loaded(self) -> list[str]:
@@ -119,9 +213,14 @@ class AdapterRegistry:
         return list(self._loaded)
 
     def prepare(self, names: set[str]) -> dict[str, Exception]:
-        """Load every adapter in `names` (evicting others); the ones that failed, with why."""
+        """Unload the unregistered adapters, then load every adapter in `names` (evicting others);
+        the ones that failed, with why. Called by the worker between batches."""
         if len(names) > self.max_loaded:
             raise ValueError(f"{len(names)} adapters requested at once; at most {self.max_loaded} can be loaded")
+        with self._lock:
+            retired, self._retired = self._retired, set()
+        for name in retired & set(self._loaded):
+            self._unload(name)
         failures = {}
         for name in names:
             try:
@@ -134,20 +233,39 @@ class AdapterRegistry:
 
     def _ensure(self, name: str, keep: set[str]) -> None:
         folder = self.check(name)
-        stamp = _stamp(folder)
-        if self._loaded.get(name) == stamp:
+        version = (folder, _stamp(folder))
+        if self._loaded.get(name) == version:
             self._loaded.move_to_end(name)
+            self.stats["hits"] += 1
             return
         if name in self._loaded:  # its files changed on disk: load the new version
             self._unload(name)
         while len(self._loaded) >= self.max_loaded:
             self._unload(next(n for n in self._loaded if n not in keep))
-        self.bank.load(name, folder)
-        self._loaded[name] = stamp
+            self.stats["evictions"] += 1
+        with self._lock:
+            entry = self._registered.get(name)
+        if entry is not None and entry.modules is not None and (entry.folder, entry.stamp) == version:
+            self.bank.load(name, folder, entry.modules)  # read ahead, off the worker: only a copy here
+            entry.modules = None
+        else:
+            self.bank.load(name, folder)
+        self._loaded[name] = version
+        self.stats["loads"] += 1
 
     def _unload(self, name: str) -> None:
         del self._loaded[name]
         self.bank.unload(name)
+
+
+def check_name(name: str) -> None:
+    """ValueError unless `name` can name a registered adapter: printable, no surrounding spaces, short."""
+    if not name or not name.isprintable() or name != name.strip() or len(name) > MAX_NAME:
+        raise ValueError(f"lora_name must be 1 to {MAX_NAME} printable characters without surrounding spaces")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
 
 
 def _stamp(folder: Path) -> tuple:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -10,6 +12,8 @@ from typing import Optional
 
 import torch
 
+API_KEY_ENV = "LORAKIT_API_KEY"
+
 
 @dataclass
 class ServeArgs:
@@ -17,7 +21,8 @@ class ServeArgs:
     adapters: str = field(metadata={"help": (
         "Folder of PEFT adapter folders; each subfolder's name is a model name clients can ask for. "
         "Folders added later are served without a restart.")})
-    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (there is no authentication)."})
+    host: str = field(default="127.0.0.1", metadata={"help": (
+        "Address to listen on; set --api_key before listening beyond this machine.")})
     port: int = 8000
     allowed_hosts: list[str] = field(default_factory=list, metadata={"help": (
         "Host header names accepted besides localhost and --host (a guard against DNS rebinding), "
@@ -29,14 +34,30 @@ class ServeArgs:
     max_batch_size: int = field(default=16, metadata={"help": "Most requests generated together."})
     batch_window_ms: float = field(default=10.0, metadata={"help": (
         "How long the first request of a batch waits for others to join it.")})
+    max_queued_requests: int = field(default=1024, metadata={"help": (
+        "Requests that may wait for a batch; more get a 429 with Retry-After.")})
     max_tokens_limit: int = field(default=1024, metadata={"help": "Largest max_tokens a request may ask for."})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body accepted (413 above)."})
     body_timeout_s: float = field(default=30.0, metadata={"help": (
         "Seconds a client has to send its whole request body (408 after).")})
+    api_key: Optional[str] = field(default=None, repr=False, metadata={"help": (
+        "Clients must send `Authorization: Bearer <key>` on every route but /health (401 otherwise); "
+        f"default: the environment variable {API_KEY_ENV}, else no authentication.")})
+    enable_adapter_api: bool = field(default=False, metadata={"help": (
+        "Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes); off: both answer 404.")})
+    allow_adapter_paths_outside: bool = field(default=False, metadata={"help": (
+        "Let /v1/load_lora_adapter load folders outside --adapters (any folder this process can read).")})
+    lora_modules: list[str] = field(default_factory=list, metadata={"help": (
+        "Adapters served by name from start-up, as vLLM spells them: name=path or "
+        '\'{"name": ..., "path": ...}\' (several may follow). Paths may lie outside --adapters.')})
+    quant_bits: Optional[int] = field(default=None, metadata={"help": (
+        "4: hold the base model's Linear layers in NF4 (QLoRA's 4-bit format). A model folder saved in "
+        "bitsandbytes' 4-bit form is read as such without this flag.")})
     log_level: str = field(default="info", metadata={"help": "uvicorn's log level."})
 
     def __post_init__(self) -> None:
-        for name in ("max_loaded_adapters", "max_batch_size", "max_tokens_limit", "max_body_bytes"):
+        for name in ("max_loaded_adapters", "max_batch_size", "max_queued_requests", "max_tokens_limit",
+                     "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_window_ms < 0:
@@ -45,6 +66,29 @@ class ServeArgs:
             raise ValueError(f"--body_timeout_s must be > 0, got {self.body_timeout_s}")
         if not Path(self.adapters).is_dir():
             raise FileNotFoundError(f"--adapters folder not found: {self.adapters}")
+        if self.quant_bits not in (None, 4):
+            raise ValueError(f"--quant_bits must be 4 (NF4) or left out, got {self.quant_bits}")
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_ENV) or None
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("--api_key must not be empty")
+        for spec in self.lora_modules:
+            lora_module(spec)  # each one checked where it enters
+
+
+def lora_module(spec: str) -> tuple[str, str]:
+    """(name, path) of a --lora_modules value: name=path, or vLLM's JSON {"name": ..., "path": ...}."""
+    if spec.lstrip().startswith("{"):
+        try:
+            value = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--lora_modules {spec!r} is not valid JSON ({err})") from None
+        name, path = value.get("name"), value.get("path")
+    else:
+        name, _, path = spec.partition("=")
+    if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
+        raise ValueError(f"--lora_modules {spec!r}: give name=path or {{\"name\": ..., \"path\": ...}}")
+    return name, path
 
 
 def parse_serve_args(argv: list[str]) -> ServeArgs:
@@ -67,17 +111,43 @@ def build_service(args: ServeArgs):
     tokenizer = load_tokenizer(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = load_model(path, "causal_lm", [], dtype).to(device).eval()
-    registry = AdapterRegistry(AdapterBank(model), args.adapters, args.max_loaded_adapters)
+    quantize = args.quant_bits == 4 or saved_in_4bit(path)
+    model = load_model(path, "causal_lm", [], dtype, quantize=quantize).to(device).eval()
+    registry = AdapterRegistry(AdapterBank(model), args.adapters, args.max_loaded_adapters,
+                               allow_outside=args.allow_adapter_paths_outside)
+    base_name = args.served_model_name or Path(args.model.rstrip("/")).name
+    register_lora_modules(registry, args.lora_modules, base_name)
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return Service(
-        batcher=Batcher(registry, tokenizer, args.max_batch_size, args.batch_window_ms / 1000),
-        tokenizer=tokenizer, base_name=args.served_model_name or Path(args.model.rstrip("/")).name,
-        context_length=context or tokenizer.model_max_length,
+        batcher=Batcher(registry, tokenizer, args.max_batch_size, args.batch_window_ms / 1000,
+                        args.max_queued_requests),
+        tokenizer=tokenizer, base_name=base_name, context_length=context or tokenizer.model_max_length,
         vocab_size=model.get_input_embeddings().num_embeddings,
         max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-        body_timeout_s=args.body_timeout_s, allowed_hosts=frozenset([args.host, *args.allowed_hosts]))
+        body_timeout_s=args.body_timeout_s, allowed_hosts=frozenset([args.host, *args.allowed_hosts]),
+        api_key=args.api_key, adapter_api=args.enable_adapter_api)
+
+
+def saved_in_4bit(path: str) -> bool:
+    """Whether a model folder was saved in bitsandbytes' 4-bit form (config.json says load_in_4bit)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    quantization = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}
+    return bool(quantization.get("load_in_4bit"))
+
+
+def register_lora_modules(registry, specs: list[str], base_name: str) -> None:
+    """The --lora_modules adapters, read and checked now: a bad one stops the start with ValueError."""
+    for spec in specs:
+        name, path = lora_module(spec)
+        if name == base_name:
+            raise ValueError(f"--lora_modules {spec!r}: {name!r} is the base model's name")
+        try:
+            registry.register(name, path, trusted=True)
+        except (LookupError, ValueError, OSError) as err:
+            raise ValueError(f"--lora_modules {spec!r}: {err}") from None
 
 
 def run_server(args: ServeArgs) -> None:

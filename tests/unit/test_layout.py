@@ -8,8 +8,8 @@ from helpers import ROOT
 PACKAGE = ROOT / "lorakit"
 
 # The parts, lowest first: a part may import the parts before it, never one after it.
-ORDER = ["modules", "families", "precision", "quant", "io", "config", "lora", "memory", "model", "data", "plan", "train", "serve",
-         "tools", "cli"]
+ORDER = ["modules", "families", "precision", "quant", "io", "config", "lora", "memory", "model", "data", "plan",
+         "train", "serve", "tools", "cli"]
 NEVER = {("serve", "train"), ("train", "serve")}  # the server and the trainer share nothing directly
 
 
