@@ -94,14 +94,21 @@ def run_lorakit(method: str, train_file: str, val_file: str, args) -> dict:
             learning_rate=args.lora_lr if lora else args.full_lr, num_train_epochs=args.epochs,
             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
             output_dir=out, report_to=["none"], save_total_limit=1, max_length=args.max_length,
-            eval_steps=10**9, save_steps=10**9, seed=args.seed)
+            eval_steps=10**9, save_steps=10**9, seed=args.seed, optim=args.optim)
         start = time.perf_counter()
         with peft_dora_dropout() if method == "dora_all_peft_dropout" else contextlib.nullcontext():
             result = train(train_args)
         result["wall_s"] = time.perf_counter() - start
+        result["train_loss_curve"] = train_loss_curve(Path(out) / "metrics.jsonl")
         return result
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def train_loss_curve(metrics: Path) -> list[tuple[int, float]]:
+    """(step, train loss) of every logged step of a lorakit run."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
 
 
 def run_probe(train_rows: list[dict], val_rows: list[dict], args) -> dict:
@@ -229,6 +236,7 @@ def main() -> None:
     p.add_argument("--full_lr", type=float, default=5e-5)
     p.add_argument("--probe_lr", type=float, default=1e-1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optim", default="adamw_torch", help="lorakit train's --optim for the lorakit runs")
     p.add_argument("--step_timing", type=int, default=20,
                    help="rounds of the interleaved per-step timing (0 = skip it)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")

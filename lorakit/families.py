@@ -39,6 +39,21 @@ FAMILIES: dict[str, Family] = {
 }
 GATED_MLP_CLASSES = frozenset(f.gated_mlp for f in FAMILIES.values() if f.gated_mlp)
 
+
+@dataclass(frozen=True)
+class VlmParts:
+    """Module-path prefixes of a vision-language model's three parts (ms-swift's vit / aligner / llm).
+    A prefix may sit inside another part's (Qwen2-VL's merger inside its vision tower): the longest wins."""
+    vit: tuple[str, ...]
+    aligner: tuple[str, ...]
+    llm: tuple[str, ...]
+
+
+_LLAVA = VlmParts(vit=("model.vision_tower",), aligner=("model.multi_modal_projector",),
+                  llm=("model.language_model", "lm_head"))
+_QWEN_VL = VlmParts(vit=("model.visual",), aligner=("model.visual.merger",), llm=("model.language_model", "lm_head"))
+VLM_PARTS: dict[str, VlmParts] = {"llava": _LLAVA, "llava_next": _LLAVA, "qwen2_vl": _QWEN_VL, "qwen2_5_vl": _QWEN_VL}
+
 # Attribute names of a sequence classifier's fresh head (trained in full, saved with the adapter).
 SEQ_CLS_HEADS = ("classifier", "score")
 
@@ -46,6 +61,11 @@ SEQ_CLS_HEADS = ("classifier", "score")
 def family(model: nn.Module) -> Family:
     """The model's row of the table (an empty Family for an architecture lorakit has no facts on)."""
     return FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None), Family())
+
+
+def vlm_parts(model: nn.Module) -> VlmParts | None:
+    """The model's vision-language parts, or None for a text-only model (or one lorakit has no facts on)."""
+    return VLM_PARTS.get(getattr(getattr(model, "config", None), "model_type", None))
 
 
 def is_norm(module: nn.Module) -> bool:

@@ -36,3 +36,16 @@ def describe(device: torch.device | str) -> str:
         unit = cpu_matrix_unit()
         return f"cpu ({unit} matrix unit): default {'bf16 autocast' if unit != 'none' else 'fp32'}"
     return f"{device.type}: default {'bf16 autocast' if fast_bf16(device) else 'fp32'}"
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def inference_dtype(torch_dtype: str, device: torch.device | str) -> torch.dtype:
+    """The dtype to load a model in for inference: --torch_dtype by name, or for 'auto' bf16 where
+    fast_bf16(device), else fp32."""
+    if torch_dtype == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    if torch_dtype not in DTYPES:
+        raise ValueError(f"--torch_dtype {torch_dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[torch_dtype]

@@ -339,11 +339,12 @@ def serve_folders(root, adapters: dict[str, int]) -> tuple[str, Path]:
 
 @contextmanager
 def running_server(base, adapters, **options):
-    """(url, service) of `lorakit serve` for `base` and the `adapters` folder, on loopback in a thread."""
+    """(url, service) of `lorakit serve` for `base` and the `adapters` folder, on loopback in a thread;
+    in float32 unless options say otherwise, so answers compare with fp32 references on any CPU."""
     from lorakit.serve.app import create_app
     from lorakit.serve.server import ServeArgs, build_service, serve_in_thread
 
-    service = build_service(ServeArgs(model=base, adapters=str(adapters), **options))
+    service = build_service(ServeArgs(model=base, adapters=str(adapters), **{"torch_dtype": "float32", **options}))
     with serve_in_thread(create_app(service)) as url:
         yield url, service
 
@@ -358,3 +359,124 @@ def add_misfit_adapter(adapters: Path) -> None:
     save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 7),
                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 4)},
               str(adapters / "misfit" / "adapter_model.safetensors"))
+
+
+# --- vision-language models -----------------------------------------------------------------------
+VLM_ARCHS = ("llava", "qwen2_vl")
+VLM_SPECIALS = {"llava": ["<image>"],
+                "qwen2_vl": ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                             "<|video_pad|>"]}
+_CONTENT = ("{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+            "{% if p['type'] == 'image' %}IMAGE{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}")
+VLM_TEMPLATES = {  # the shape of each family's own template, small
+    "llava": ("{% for m in messages %}{{ m['role'] | upper }}: " + _CONTENT.replace("IMAGE", "<image>\\n")
+              + "{% if m['role'] == 'assistant' %}</s>{% endif %}{{ '\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}ASSISTANT: {% endif %}"),
+    "qwen2_vl": ("{% for m in messages %}<|im_start|>{{ m['role'] }}{{ '\\n' }}"
+                 + _CONTENT.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>")
+                 + "<|im_end|>{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}"
+                 "{% endif %}"),
+}
+
+
+def build_vlm(arch: str, token_ids: dict[str, int], vocab_size: int, seed: int = 0) -> nn.Module:
+    """A tiny random vision-language model (2 layers, hidden size 32 in its vision tower and language
+    model), in eval mode: LLaVA (CLIP 16x16 images in 4x4 patches, MLP projector, Llama) or Qwen2-VL
+    (its vision tower, 4x4 patches merged 2x2, Qwen2). `token_ids`: the special tokens' ids."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    small = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=48)
+    text = dict(vocab_size=vocab_size, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                initializer_range=0.3, **small)
+    if arch == "llava":
+        config = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(image_size=16, patch_size=4, **small),
+                                text_config=tf.LlamaConfig(**text), image_token_id=token_ids["<image>"],
+                                vision_feature_layer=-2, vision_feature_select_strategy="default")
+        return tf.LlavaForConditionalGeneration(config).eval()
+    if arch == "qwen2_vl":
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config = tf.Qwen2VLConfig(text_config=dict(rope_parameters=rope, **text), vision_config=vision,
+                                  image_token_id=token_ids["<|image_pad|>"], video_token_id=token_ids["<|video_pad|>"],
+                                  vision_start_token_id=token_ids["<|vision_start|>"],
+                                  vision_end_token_id=token_ids["<|vision_end|>"])
+        return tf.Qwen2VLForConditionalGeneration(config).eval()
+    raise ValueError(arch)
+
+
+def vlm_image_processor(arch: str):
+    """The family's image processor (PIL backend) for the tiny model's image size."""
+    import transformers as tf
+
+    if arch == "llava":
+        return tf.LlavaImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    return tf.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=64,
+                                       max_pixels=1024)
+
+
+def _vlm_processor(arch: str, tokenizer):
+    """The family's processor over `tokenizer`, with its chat template. Qwen2-VL's needs torchvision
+    (transformers checks its video processor's class)."""
+    import transformers as tf
+
+    if arch == "llava":
+        return tf.LlavaProcessor(image_processor=vlm_image_processor(arch), tokenizer=tokenizer, patch_size=4,
+                                 num_additional_image_tokens=1, vision_feature_select_strategy="default",
+                                 chat_template=VLM_TEMPLATES[arch])
+    video = tf.Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
+    return tf.Qwen2VLProcessor(image_processor=vlm_image_processor(arch), tokenizer=tokenizer,
+                               video_processor=video, chat_template=VLM_TEMPLATES[arch])
+
+
+def save_tiny_vlm(path, arch: str, seed: int = 0) -> str:
+    """A folder with a tiny random vision-language model (build_vlm) and its processor (the small BPE
+    tokenizer plus the family's image tokens, its image processor and chat template), as
+    AutoModelForImageTextToText and AutoProcessor load them."""
+    from transformers import AutoTokenizer
+
+    save_tiny_causal_lm(path)  # its tokenizer, to which the image tokens are added
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.add_special_tokens({"additional_special_tokens": VLM_SPECIALS[arch]})
+    _vlm_processor(arch, tokenizer).save_pretrained(str(path))
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VLM_SPECIALS[arch]}
+    build_vlm(arch, ids, len(tokenizer), seed).save_pretrained(str(path))
+    return str(path)
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def write_images(folder, size: int = 28) -> dict[str, str]:
+    """One small PNG square per colour in `folder`: colour -> file name."""
+    from PIL import Image
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for colour, rgb in COLOURS.items():
+        Image.new("RGB", (size, size), rgb).save(Path(folder) / f"{colour}.png")
+    return {colour: f"{colour}.png" for colour in COLOURS}
+
+
+def vlm_rows(n: int = 8, folder: str = "imgs") -> list[dict]:
+    """ms-swift multimodal rows over write_images' files: one image each, every third row with two
+    images and a second turn."""
+    colours = list(COLOURS)
+    rows = []
+    for i in range(n):
+        first, second = colours[i % 4], colours[(i + 1) % 4]
+        row = {"messages": [{"role": "user", "content": "<image>What colour is the square?"},
+                            {"role": "assistant", "content": f"It is {first}."}],
+               "images": [f"{folder}/{first}.png"]}
+        if i % 3 == 2:
+            row["messages"] += [{"role": "user", "content": "And this one? <image>"},
+                                {"role": "assistant", "content": f"That one is {second}."}]
+            row["images"].append(f"{folder}/{second}.png")
+        rows.append(row)
+    return rows
+
+
+def vlm_dataset(folder, n: int = 8) -> str:
+    """A multimodal JSONL file (vlm_rows) with its images beside it in folder/imgs; returns its path."""
+    write_images(Path(folder) / "imgs")
+    return write_jsonl(Path(folder) / "vlm.jsonl", vlm_rows(n))

@@ -33,6 +33,10 @@ class InferArgs:
     top_p: float = 1.0
     seed: int = 42
     batch_size: int = 8
+    torch_dtype: str = field(default="auto", metadata={"help": (
+        "dtype to run the model in: auto (bfloat16 on a GPU or on a CPU with a bf16 matrix unit, AMX or "
+        "AVX-512-BF16; else float32), float32, bfloat16 or float16."),
+        "choices": ["auto", "float32", "bfloat16", "float16"]})
 
     def __post_init__(self) -> None:
         if not self.adapter and not self.model:
@@ -91,6 +95,7 @@ def load_for_inference(args: InferArgs):
     """(model, tokenizer, labels) from the adapter folder (and its base model)."""
     from lorakit.io.pretrained import load_model, load_tokenizer, resolve_model_path
     from lorakit.model.peft_model import PeftModel
+    from lorakit.precision import inference_dtype
 
     adapter = Path(args.adapter) if args.adapter else None
     if adapter is not None and not adapter.is_dir():
@@ -107,11 +112,10 @@ def load_for_inference(args: InferArgs):
         base = args.model if adapter is None else str(adapter)
     tokenizer = load_tokenizer(str(adapter) if adapter and (adapter / "tokenizer_config.json").is_file()
                                else resolve_model_path(base))
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model = load_model(resolve_model_path(base), task, labels, dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(resolve_model_path(base), task, labels, inference_dtype(args.torch_dtype, device))
     if is_peft:
         model = PeftModel.from_pretrained(model, str(adapter))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), tokenizer, labels
 
 

@@ -1,11 +1,13 @@
 """Dataset files -> checked examples: formats, label sets, the held-out split."""
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
 from lorakit.data.formats import FORMATS, Conversation, Example, Labelled, detect_format, to_example
 from lorakit.data.loading import read_rows
+from lorakit.data.multimodal import Multimodal
 
 __all__ = ["FORMATS", "load_examples", "load_split", "split_holdout", "label_set", "check_labels", "add_system"]
 
@@ -84,11 +86,16 @@ def label_set(pairs: list[tuple[Example, str]], declared: list[str]) -> list[str
 
 def add_system(pairs: list[tuple[Example, str]], system: str) -> list[tuple[Example, str]]:
     """Give `system` as the system message to every conversation that has none."""
-    if pairs and not isinstance(pairs[0][0], Conversation):
+    if pairs and not isinstance(pairs[0][0], (Conversation, Multimodal)):
         raise ValueError("--system sets the system prompt of conversations (alpaca or messages data); "
                          "this dataset holds plain text or labelled text")
-    return [(ex if ex.messages[0]["role"] == "system" else
-             Conversation([{"role": "system", "content": system}, *ex.messages]), source) for ex, source in pairs]
+    return [(ex if ex.messages[0]["role"] == "system" else _with_system(ex, system), source) for ex, source in pairs]
+
+
+def _with_system(example: Conversation | Multimodal, system: str) -> Conversation | Multimodal:
+    """The conversation with `system` as its first message (as content parts for a Multimodal one)."""
+    content = [{"type": "text", "text": system}] if isinstance(example, Multimodal) else system
+    return dataclasses.replace(example, messages=[{"role": "system", "content": content}, *example.messages])
 
 
 def check_labels(pairs: list[tuple[Example, str]], labels: list[str]) -> None:

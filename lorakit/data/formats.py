@@ -1,8 +1,10 @@
-"""Dataset row formats -> one of three example kinds: a conversation, plain text, or text + label.
+"""Dataset row formats -> one of four example kinds: a conversation (with images: Multimodal), plain
+text, or text + label.
 
     alpaca          {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
     messages        {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-                    (ShareGPT's {"conversations": [{"from": "human"|"gpt", "value"}]} too)
+                    (ShareGPT's {"conversations": [{"from": "human"|"gpt", "value"}]} too);
+                    with "images" (and <image> tags) or content parts: Multimodal (multimodal.py)
     text            {"text"}                       causal-LM loss on every token
     classification  {"text" (or "sentence"), "label"}
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lorakit.data.loading import Row
+from lorakit.data.multimodal import Multimodal, has_images, to_multimodal
 
 FORMATS = ("alpaca", "messages", "text", "classification")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -33,7 +36,7 @@ class Labelled:
     label: str
 
 
-Example = Conversation | PlainText | Labelled
+Example = Conversation | Multimodal | PlainText | Labelled
 
 
 def detect_format(row: Row) -> str:
@@ -90,7 +93,7 @@ def _alpaca(row: Row) -> Conversation:
     return Conversation(messages)
 
 
-def _messages(row: Row) -> Conversation:
+def _messages(row: Row) -> Conversation | Multimodal:
     key = "messages" if "messages" in row.data else "conversations"
     raw = _field(row, key, "messages", types=(list,))
     messages = []
@@ -99,16 +102,16 @@ def _messages(row: Row) -> Conversation:
             raise ValueError(f"{row.source}: {key}[{i}] should be an object with role and content")
         role = message.get("role", SHAREGPT_ROLES.get(message.get("from")))
         content = message.get("content", message.get("value"))
-        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+        if role not in ("system", "user", "assistant") or not isinstance(content, (str, list)):
             raise ValueError(f"{row.source}: {key}[{i}] needs a role (system, user or assistant) "
-                             f"and a string content, got {message!r}")
+                             f"and a content (a string, or a list of content parts), got {message!r}")
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"{row.source}: the conversation has no assistant message to learn from")
     if messages[0]["role"] == "assistant":
         raise ValueError(f"{row.source}: the conversation starts with an assistant message; "
                          "it should start with a system or user message")
-    return Conversation(messages)
+    return to_multimodal(row, messages) if has_images(row, messages) else Conversation(messages)
 
 
 def _text(row: Row) -> PlainText:

@@ -16,6 +16,7 @@ class Row:
     """One example as read, with where it came from (for error messages)."""
     data: dict
     source: str  # "file.jsonl:12" or "hub-id[12]"
+    folder: Path | None = None  # the data file's folder: relative paths in the row (images) start there
 
 
 def resolve_builtin(spec: str) -> str:
@@ -70,14 +71,14 @@ def _read_json(path: Path) -> list[Row]:
             items = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from None
-        rows = [Row(item, f"{path}[{i}]") for i, item in enumerate(items)]
+        rows = [Row(item, f"{path}[{i}]", path.parent) for i, item in enumerate(items)]
     else:
         rows = []
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(Row(json.loads(line), f"{path}:{lineno}"))
+                rows.append(Row(json.loads(line), f"{path}:{lineno}", path.parent))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: malformed JSON line ({err.msg} at column "
                                  f"{err.colno}); expected one JSON object per line") from None
@@ -94,7 +95,7 @@ def _read_csv(path: Path) -> list[Row]:
     for data in reader:
         if None in data:
             raise ValueError(f"{path}:{reader.line_num}: more cells than the header has columns")
-        rows.append(Row({key: value or None for key, value in data.items()}, f"{path}:{reader.line_num}"))
+        rows.append(Row({key: value or None for key, value in data.items()}, f"{path}:{reader.line_num}", path.parent))
     return rows
 
 
@@ -103,7 +104,7 @@ def _read_with_datasets(builder: str, data_files: str) -> list[Row]:
 
     datasets.disable_progress_bars()
     table = datasets.load_dataset(builder, data_files=data_files, split="train")
-    return [Row(dict(item), f"{data_files}:row {i}") for i, item in enumerate(table, start=1)]
+    return [Row(dict(item), f"{data_files}:row {i}", Path(data_files).parent) for i, item in enumerate(table, start=1)]
 
 
 def _read_hub(dataset_id: str) -> list[Row]:

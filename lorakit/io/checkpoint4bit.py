@@ -43,11 +43,10 @@ def model_key(key: str, model_keys: set[str], prefix: str) -> str | None:
 
 def nf4_layer_names(model: nn.Module, skip: set[str]) -> set[str]:
     """The layers 4-bit loading stores in NF4: every nn.Linear but the output head and those whose
-    last name part is in `skip` or that lie inside a module path in `skip` (a VLM's vision tower)."""
+    last name part is in `skip`."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {name for name, m in model.named_modules()
-            if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in skip and m is not head
-            and not any(name.startswith(f"{path}.") for path in skip)}
+            if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in skip and m is not head}
 
 
 def _quant_state_owner(key: str) -> tuple[str, bool]:

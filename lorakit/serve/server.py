@@ -53,6 +53,10 @@ class ServeArgs:
     quant_bits: Optional[int] = field(default=None, metadata={"help": (
         "4: hold the base model's Linear layers in NF4 (QLoRA's 4-bit format). A model folder saved in "
         "bitsandbytes' 4-bit form is read as such without this flag.")})
+    torch_dtype: str = field(default="auto", metadata={"help": (
+        "dtype of the base model and the adapter bank: auto (bfloat16 on a GPU or on a CPU with a bf16 matrix "
+        "unit, AMX or AVX-512-BF16; else float32), float32, bfloat16 or float16."),
+        "choices": ["auto", "float32", "bfloat16", "float16"]})
     log_level: str = field(default="info", metadata={"help": "uvicorn's log level."})
 
     def __post_init__(self) -> None:
@@ -102,6 +106,7 @@ def parse_serve_args(argv: list[str]) -> ServeArgs:
 def build_service(args: ServeArgs):
     """The Service behind the app: base model on the best device, tokenizer, adapter bank and batcher."""
     from lorakit.io.pretrained import load_model, load_tokenizer, resolve_model_path
+    from lorakit.precision import inference_dtype
     from lorakit.serve.app import Service
     from lorakit.serve.bank import AdapterBank
     from lorakit.serve.batcher import Batcher
@@ -110,7 +115,7 @@ def build_service(args: ServeArgs):
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = inference_dtype(args.torch_dtype, device)
     quantize = args.quant_bits == 4 or saved_in_4bit(path)
     model = load_model(path, "causal_lm", [], dtype, quantize=quantize).to(device).eval()
     registry = AdapterRegistry(AdapterBank(model), args.adapters, args.max_loaded_adapters,

@@ -95,6 +95,16 @@ class TrainArgs:
     modules_to_save: list[str] = field(default_factory=list, metadata=_help(
         "Extra modules trained in full and saved with the adapter (the classifier head is "
         "added for seq_cls)."))
+    freeze_llm: bool = field(default=False, metadata=_help(
+        "Vision-language models: leave the language model (and its head) untrained."))
+    freeze_vit: bool = field(default=True, metadata=_help(
+        "Vision-language models: leave the vision tower untrained (false: it gets adapters too)."))
+    freeze_aligner: bool = field(default=True, metadata=_help(
+        "Vision-language models: leave the projector between vision tower and language model untrained."))
+    vit_lr: Optional[float] = field(default=None, metadata=_help(
+        "Learning rate of the vision tower's trainable weights; default: --learning_rate."))
+    aligner_lr: Optional[float] = field(default=None, metadata=_help(
+        "Learning rate of the projector's trainable weights; default: --learning_rate."))
 
     # --- data --------------------------------------------------------------------------
     max_length: int = field(default=2048, metadata=_help(
@@ -114,7 +124,13 @@ class TrainArgs:
         "1e-5 / 5e-5 for full fine-tuning (SFT / classification)."))
     loraplus_lr_ratio: Optional[float] = field(default=None, metadata=_help(
         "LoRA+: lora_B learns at learning_rate times this ratio (e.g. 16).", alias="lorap_lr_ratio"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+                   "sgd", "adafactor"] = field(default="adamw_torch", metadata=_help(
+        "Optimiser, by transformers' names: adamw_torch, adamw_torch_fused (one fused kernel), adamw_8bit "
+        "(8-bit Adam state: bitsandbytes on CUDA, lorakit's own elsewhere), paged_adamw_8bit / paged_adamw_32bit "
+        "(bitsandbytes, CUDA; unpaged elsewhere), sgd (no momentum), adafactor (transformers', fixed rate)."))
+    weight_decay: float = field(default=0.0, metadata=_help(
+        "Weight decay of every trainable weight (decoupled for the Adam kinds and adafactor; L2 for sgd)."))
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -171,6 +187,8 @@ class TrainArgs:
             problems.append("--quant_bits 4 freezes the base in 4-bit; it needs --train_type lora, dora or qlora")
         if self.use_dora and self.train_type == "full":
             problems.append("--use_dora needs --train_type lora or qlora, got full")
+        if self.freeze_llm and self.freeze_vit and self.freeze_aligner:
+            problems.append("--freeze_llm, --freeze_vit and --freeze_aligner are all true: nothing would train")
         unknown_sinks = set(self.report_to) - {"tensorboard", "none"}
         if unknown_sinks:
             problems.append(f"--report_to accepts tensorboard or none, got {sorted(unknown_sinks)}")

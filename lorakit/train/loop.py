@@ -26,27 +26,14 @@ from lorakit.train import checkpoints, distributed
 from lorakit.train.args import TrainArgs
 from lorakit.train.loss import batch_loss_sum
 from lorakit.train.metrics import METRICS_FILE, MetricsLog, plot_loss_curve
-from lorakit.train.model import prepare_model, save_trained
+from lorakit.train.model import part_counts, prepare_model, save_trained
+from lorakit.train.optim import build_optimizer
 from lorakit.train.prepare import PreparedData, describe_data, fit_max_length, prepare_data, resolve_args
 from lorakit.train.resume import prepare_output_dir, resume_point, run_trajectory
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; nothing from that step was applied."""
-
-
-def build_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; with LoRA+ the B matrices get a larger rate."""
-    plain, lora_b = [], []
-    for name, p in model.named_parameters():
-        is_b = ".lora_B." in name or ".lora_embedding_B." in name
-        if p.requires_grad:
-            (lora_b if args.loraplus_lr_ratio and is_b else plain).append(p)
-    groups = [{"params": plain, "lr": args.learning_rate}]
-    if lora_b:
-        groups.append({"params": lora_b, "lr": args.learning_rate * args.loraplus_lr_ratio})
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             eps=args.adam_epsilon, weight_decay=args.weight_decay)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -232,7 +219,9 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
 def describe_parameters(model: torch.nn.Module) -> str:
     counts = parameter_counts(model)
     trainable, total = counts["trainable_params"], counts["total_params"]
-    return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    parts = ", ".join(f"{part} {count:,}" for part, count in part_counts(model).items())
+    return (f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+            + (f"; trainable by part: {parts}" if parts else ""))
 
 
 def restore(run: Run, path: Path) -> None:
@@ -338,7 +327,7 @@ def finish(run: Run, result: dict) -> None:
     """The trained adapter (or model), labels, final metrics and loss curve in the run's folder."""
     if run.ctx.is_main:
         out = run.out
-        save_trained(run.model, run.tokenizer, out)
+        save_trained(run.model, run.data.processor or run.tokenizer, out)
         if run.data.labels:
             files.write_text(out / "labels.json", json.dumps(run.data.labels, indent=2))
         files.write_text(out / "final_metrics.json", json.dumps(result, indent=2))

@@ -3,7 +3,8 @@
 Causal LMs whose logits are exactly `lm_head(decoder(...))` get the output head and the
 cross-entropy only at the positions that carry a label, in chunks (lorakit.memory.loss), so the
 [tokens x vocab] logits never exist. Other models (classifiers, heads with a bias, models that
-scale or cap their logits) take the plain path through the full logits.
+scale or cap their logits) and vision-language models (whose batches carry pixel_values) take the
+plain path through the full logits.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
                    fused_head: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(summed loss, logits or None): logits only come back from the full-logits path. With
     `fused_head`, a plain-head causal LM gets the head and the loss fused (no full logits)."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    parts = decoder_and_head(model) if fused_head else None
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    parts = decoder_and_head(model) if fused_head and inputs.keys() == {"input_ids", "attention_mask"} else None
     if parts is None:
         logits = model(**inputs).logits
         return loss_sum(logits, batch["labels"]), logits

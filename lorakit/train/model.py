@@ -1,4 +1,5 @@
-"""Attaching LoRA / DoRA to the loaded base model (or unfreezing it all), and saving what was trained."""
+"""Attaching LoRA / DoRA to the loaded base model (or unfreezing it all), and saving what was trained.
+A vision-language model trains only the parts that --freeze_llm / --freeze_vit / --freeze_aligner leave open."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,12 +8,15 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.families import vlm_parts
 from lorakit.model.peft_model import PeftModel, get_peft_model
+from lorakit.model.targeting import VLM_PART_NAMES, vlm_part, vlm_targets
 from lorakit.train.args import TrainArgs
 
 
-def lora_config(args: TrainArgs, task: str) -> LoraConfig:
-    targets = args.target_modules
+def lora_config(args: TrainArgs, task: str, targets: list[str] | None = None) -> LoraConfig:
+    """The run's LoraConfig; `targets` (full module names) in place of --target_modules when given."""
+    targets = targets or args.target_modules
     return LoraConfig(
         r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
@@ -22,21 +26,53 @@ def lora_config(args: TrainArgs, task: str) -> LoraConfig:
 
 
 def prepare_model(model: nn.Module, args: TrainArgs, task: str) -> nn.Module:
-    """Attach adapters (lora/dora) or unfreeze everything (full); trainable weights in fp32."""
+    """Attach adapters (lora/dora) or unfreeze everything (full), in a VLM's open parts only; trainable
+    weights in fp32."""
+    frozen = frozen_parts(model, args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.train_type == "full":
-        model.requires_grad_(True)
+        parts = vlm_parts(model)
+        for name, param in model.named_parameters():
+            param.requires_grad = parts is None or vlm_part(name, parts) not in frozen
         return model.float()
-    peft_model = get_peft_model(model, lora_config(args, task), memory_savers=args.memory_savers)
+    config = lora_config(args, task)
+    if vlm_parts(model):
+        config = lora_config(args, task, vlm_targets(model, config, frozen))
+    peft_model = get_peft_model(model, config, memory_savers=args.memory_savers)
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     return peft_model
 
 
+def frozen_parts(model: nn.Module, args: TrainArgs) -> set[str]:
+    """The parts of a vision-language model the freeze flags leave untrained; refuses flags that cannot apply."""
+    frozen = {part for part in VLM_PART_NAMES if getattr(args, f"freeze_{part}")}
+    model_type = getattr(model.config, "model_type", None)
+    if getattr(model.config, "vision_config", None) is not None and vlm_parts(model) is None:
+        raise ValueError(f"lorakit does not know the parts (vision tower, projector, language model) of "
+                         f"model_type {model_type!r}; known: LLaVA and Qwen2-VL families (lorakit.families.VLM_PARTS)")
+    if vlm_parts(model) is None and (args.freeze_llm or not args.freeze_vit or not args.freeze_aligner):
+        raise ValueError(f"--freeze_llm / --freeze_vit / --freeze_aligner choose parts of a vision-language model; "
+                         f"{model_type!r} is text-only")
+    return frozen
+
+
+def part_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters per part of a vision-language model ({} for a text-only one)."""
+    parts = vlm_parts(model.get_base_model() if isinstance(model, PeftModel) else model)
+    counts = dict.fromkeys(VLM_PART_NAMES, 0) if parts else {}
+    for name, param in model.named_parameters() if parts else ():
+        if param.requires_grad:
+            part = vlm_part(name, parts) or "other"
+            counts[part] = counts.get(part, 0) + param.numel()
+    return counts
+
+
 def save_trained(model: nn.Module, tokenizer, output_dir: Path) -> None:
-    """The adapter in PEFT format (or, for full fine-tuning, the whole model) plus the tokenizer."""
+    """The adapter in PEFT format (or, for full fine-tuning, the whole model) plus the tokenizer (a
+    vision-language model: its processor)."""
     if isinstance(model, PeftModel):
         model.save_pretrained(str(output_dir))
     else:

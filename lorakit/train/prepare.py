@@ -1,5 +1,6 @@
-"""The data of a training run: dataset files read, split, encoded with the tokenizer, and the
-settings that follow from them (task, learning rate, max_length within the model's positions)."""
+"""The data of a training run: dataset files read, split, encoded with the tokenizer (a vision-language
+model's processor), and the settings that follow from them (task, learning rate, max_length within the
+model's positions)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 
 from lorakit import data as datasets_
 from lorakit.data.encode import Encoded, EncodeReport, encode_examples
-from lorakit.io.pretrained import load_config, position_limit
+from lorakit.io.pretrained import is_vision_language, load_config, load_processor, position_limit, resolve_model_path
 from lorakit.train.args import TrainArgs
 
 
@@ -19,6 +20,7 @@ class PreparedData:
     train: list[Encoded]
     val: list[Encoded]
     reports: dict[str, EncodeReport]
+    processor: object = None  # a vision-language model's processor (saved with the adapter)
 
 
 def default_learning_rate(train_type: str, task: str) -> float:
@@ -45,16 +47,18 @@ def prepare_data(args: TrainArgs, tokenizer) -> PreparedData:
         labels = datasets_.label_set(train_pairs, args.labels)
         datasets_.check_labels(train_pairs + val_pairs, labels)
     label_ids = {label: i for i, label in enumerate(labels)}
+    model_path = resolve_model_path(args.model)
+    processor = load_processor(model_path) if is_vision_language(load_config(model_path)) else None
     reports, encoded = {}, {}
     for split, pairs in (("train", train_pairs), ("eval", val_pairs)):
         encoded[split], reports[split] = encode_examples(tokenizer, pairs, args.max_length, label_ids,
-                                                         args.train_on_prompt)
+                                                         args.train_on_prompt, processor)
     if not encoded["train"]:
         dropped = reports["train"].dropped_all_masked
         raise ValueError(f"no training examples left: all {len(dropped)} rows have every label token "
                          f"masked after truncation to --max_length {args.max_length} (first: "
                          f"{dropped[:3]}); raise --max_length or check the responses are not empty")
-    return PreparedData(task, fmt, labels, encoded["train"], encoded["eval"], reports)
+    return PreparedData(task, fmt, labels, encoded["train"], encoded["eval"], reports, processor)
 
 
 def fit_max_length(args: TrainArgs, model_path: str, say) -> TrainArgs:

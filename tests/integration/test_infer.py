@@ -29,7 +29,8 @@ def test_greedy_generation_matches_peft(sft_adapter, tiny_lm_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    [ours] = run_infer(InferArgs(adapter=sft_adapter, prompt=["Add 5 and 8."], max_new_tokens=12))
+    [ours] = run_infer(InferArgs(adapter=sft_adapter, prompt=["Add 5 and 8."], max_new_tokens=12,
+                                 torch_dtype="float32"))
     tokenizer = AutoTokenizer.from_pretrained(sft_adapter)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), sft_adapter).eval()
     text = render_chat(tokenizer, [{"role": "user", "content": "Add 5 and 8."}], add_generation_prompt=True)
@@ -40,6 +41,17 @@ def test_greedy_generation_matches_peft(sft_adapter, tiny_lm_dir):
     with model.disable_adapter():  # the adapter steers the answer, so an infer that dropped it would differ
         plain = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert not torch.equal(plain, out)
+
+
+@pytest.mark.parametrize("fast_bf16,dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_is_bf16_where_the_device_has_fast_bf16(sft_adapter, monkeypatch, fast_bf16, dtype):
+    from lorakit import precision
+
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: fast_bf16)
+    model, _, _ = load_for_inference(InferArgs(adapter=sft_adapter, prompt=["x"]))
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {dtype}
+    [result] = run_infer(InferArgs(adapter=sft_adapter, prompt=["Add 5 and 8."], max_new_tokens=6))
+    assert result["completion"].strip()
 
 
 def test_batched_prompts_equal_one_at_a_time(sft_adapter, tmp_path):

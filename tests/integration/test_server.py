@@ -245,3 +245,17 @@ def test_small_load_test_has_no_failures_and_answers_as_alone():
     spec.loader.exec_module(load)
     figures = load.main(["--small"])  # raises SystemExit on any failure or mismatch
     assert figures["load"]["failures"] == figures["load"]["mismatches"] == 0
+
+
+@pytest.mark.parametrize("fast_bf16,dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_serves_in_bf16_where_the_device_has_fast_bf16(setup, monkeypatch, fast_bf16, dtype):
+    """--torch_dtype auto (the default): the base and the adapter bank in bf16 on a CPU with a bf16 matrix unit."""
+    from lorakit import precision
+
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: fast_bf16)
+    with running_server(*setup, torch_dtype="auto") as (url, service):
+        bank = service.batcher.registry.bank
+        assert {p.dtype for p in bank.model.parameters()} == {dtype}
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        answer = client.completions.create(**{**GOOD, "model": "alpha", "max_tokens": 3})
+        assert answer.choices[0].text and answer.usage.completion_tokens == 3
