@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from lorakit.io.pretrained import DEFAULT_MODEL
+from lorakit.precision import cpu_matrix_unit
 
 DEFAULT_DATASET = "builtin:support_intents"
 
@@ -146,7 +147,8 @@ class TrainArgs:
         "lorakit's memory savers (same numbers, less memory): the causal-LM head and loss fused, gated MLPs "
         "and norm outputs recomputed in backward. false: the model's own code paths, untouched."))
     bf16: Optional[bool] = field(default=None, metadata=_help(
-        "bf16 autocast; default on for CUDA, off (fp32) on CPU."))
+        "bf16 autocast (fp32 adapters and optimiser states); default on for CUDA and for a CPU with a bf16 "
+        f"matrix unit (AMX or AVX-512-BF16; this one: {cpu_matrix_unit()}), else off (fp32)."))
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata=_help(
         "dtype of the frozen base weights; auto: bfloat16 under bf16 autocast, else float32. "
         "Trainable weights are always float32."))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lorakit import precision
 from lorakit.data.encode import Encoded, collate, loss_units
 from lorakit.io import files
 from lorakit.io.pretrained import load_model, load_tokenizer, resolve_model_path
@@ -172,7 +173,8 @@ def setup(args: TrainArgs, ctx: distributed.Dist) -> Run:
     data = prepare_data(args, tokenizer)
     args = resolve_args(args, data)
     say(describe_data(data, args))
-    bf16 = args.bf16 if args.bf16 is not None else ctx.device.type == "cuda"
+    bf16 = args.bf16 if args.bf16 is not None else precision.fast_bf16(ctx.device)
+    say(f"precision: {'bf16 autocast, fp32 adapters' if bf16 else 'fp32'} on {precision.describe(ctx.device)}")
     trajectory = run_trajectory(args, data, ctx.world, bf16)
     resume_from, run_id = resume_point(args, out, trajectory)
     model = build_model(args, ctx, model_path, data, bf16)

@@ -305,7 +305,8 @@ def test_resume_refuses_other_settings(tiny_lm_dir, alpaca_file, tmp_path, capsy
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tiny_lm_dir, tmp_path):
     data = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(30))  # 30 rows: the last global batch is partial
-    common = dict(lora_dropout=0, max_steps=-1, num_train_epochs=1, save_steps=100, val_split_ratio=0.2)
+    # fp32 on every CPU: under bf16 the two ways of summing a batch round differently
+    common = dict(lora_dropout=0, max_steps=-1, num_train_epochs=1, save_steps=100, val_split_ratio=0.2, bf16="false")
     cpu = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU, also on a GPU machine
     single = subprocess.run([sys.executable, "-m", "lorakit", "train",
                              *quick_args(tiny_lm_dir, data, tmp_path / "one", per_device_train_batch_size=4,
@@ -338,3 +339,16 @@ def test_no_arguments_runs_the_offline_minilm_default(tmp_path):
     assert out.name.startswith("all-MiniLM-L6-v2-") and f"saved in {out.resolve()}" in done.stdout.replace(
         f"saved in outputs/{out.name}", f"saved in {out.resolve()}")
     assert (out / "adapter_model.safetensors").is_file() and (out / "labels.json").is_file()
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_default_precision_follows_the_cpu_matrix_unit(tiny_lm_dir, alpaca_file, tmp_path, monkeypatch, capsys,
+                                                       fast_bf16):
+    """No --bf16: bf16 autocast over a bf16 base on a CPU with a bf16 matrix unit, fp32 elsewhere; --bf16 false wins."""
+    from lorakit import precision
+
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: fast_bf16)
+    loop.train(parse_train_args(quick_args(tiny_lm_dir, alpaca_file, tmp_path / "auto", max_steps=2)))
+    assert ("precision: bf16 autocast" in capsys.readouterr().out) is fast_bf16
+    loop.train(parse_train_args(quick_args(tiny_lm_dir, alpaca_file, tmp_path / "off", max_steps=2, bf16="false")))
+    assert "precision: fp32" in capsys.readouterr().out
