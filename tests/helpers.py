@@ -225,6 +225,38 @@ def lean_train_step(arch: str, without: str | None = None, checkpointing: bool =
     return loss.detach(), {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
 
 
+KEPT_TOKENS, KEPT_HIDDEN = 128, 64
+BLOCK_INPUT = KEPT_TOKENS * KEPT_HIDDEN * 4  # bytes of one block's fp32 input in `kept_for_backward`
+
+
+def kept_for_backward(saver: str, on: bool, layers: int, checkpoint: str = "blocks") -> int:
+    """Live tensor bytes a forward pass leaves for backward (exact, from torch's allocator events) on a
+    tiny Llama with all-linear LoRA, with the memory saver `saver` on or off, under gradient checkpointing:
+    transformers' per block ("blocks") or torch's around the whole model ("model")."""
+    import lorakit
+    from live_bytes import LiveBytes
+    from lorakit import memory
+
+    model = build_model("llama", num_hidden_layers=layers, hidden_size=KEPT_HIDDEN, intermediate_size=256).train()
+    if checkpoint == "blocks":
+        model.gradient_checkpointing_enable()
+    peft_model = lorakit.get_peft_model(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    if not on:
+        memory.disable(model, [saver])
+    assert bool(memory.installed(model).get(saver)) == on
+    ids = torch.randint(0, 96, (1, KEPT_TOKENS), generator=torch.Generator().manual_seed(0))
+
+    def loss_of(ids):
+        return peft_model(input_ids=ids, labels=ids).loss
+
+    with LiveBytes() as live:
+        with live.section("forward"):
+            loss = (loss_of(ids) if checkpoint == "blocks"
+                    else torch.utils.checkpoint.checkpoint(loss_of, ids, use_reentrant=False))
+        loss.backward()
+    return live.left_behind("forward")
+
+
 # --- model folders with a tokenizer ---------------------------------------------------------------
 TOKENIZER_CORPUS = [
     "The quick brown fox jumps over the lazy dog.", "Add the two numbers and give the sum.",

@@ -40,6 +40,13 @@ class LiveBytes:
         with record_function(f"section:{name}"):
             yield
 
+    def left_behind(self, name: str) -> int:
+        """Bytes live at the end of the section less those live at its start: what it left for later (a
+        forward pass: what it keeps for backward)."""
+        start, end = self.sections[f"section:{name}"]
+        return next((total for t, total in reversed(self.timeline) if t <= end), 0) - \
+            next((total for t, total in reversed(self.timeline) if t < start), 0)
+
     def peak(self, name: str | None = None) -> int:
         """The most bytes live at any moment of the section (of the whole block without a name)."""
         start, end = self.sections[f"section:{name}"] if name else (-1, float("inf"))

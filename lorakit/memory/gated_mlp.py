@@ -4,15 +4,19 @@ Autograd keeps four [tokens x intermediate] tensors per gated MLP: gate(x) and a
 the product's and the activation's gradients, up(x), and the product itself for down_proj's
 adapter. Here the product is one autograd function that keeps gate(x) and up(x) only, and any
 later save of the product (the down_proj adapter's input) is stored as a recipe that recomputes
-it from those two when backward runs: one elementwise pass instead of two stored tensors.
+it from those two when backward runs: one elementwise pass instead of two stored tensors. The recipe's
+gate and up are saved through the enclosing hooks, so under gradient checkpointing they are recomputed
+with the block like everything else, not kept for every block.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import nn
 
 from lorakit.families import GATED_MLP_CLASSES
-from lorakit.memory.recipes import patch_forward, patched_with, same_tensor, saved_as_recipes
+from lorakit.memory.recipes import Recipe, patch_forward, patched_with, same_tensor, saved_as_recipes
 
 
 class GatedProduct(torch.autograd.Function):
@@ -35,12 +39,17 @@ class GatedProduct(torch.autograd.Function):
         return (next(grads) if gate_.requires_grad else None, next(grads) if up_.requires_grad else None, None)
 
 
+def _product(act, gate, up):
+    return act(gate) * up
+
+
 def _lean_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
     if not torch.is_grad_enabled():
         return self.down_proj(self.act_fn(gate) * up)
     product = GatedProduct.apply(gate, up, self.act_fn)
-    with saved_as_recipes(lambda t: (lambda: self.act_fn(gate) * up) if same_tensor(t, product) else None):
+    recipe = Recipe(partial(_product, self.act_fn), (gate, up), f"{type(self).__name__}'s product")
+    with saved_as_recipes(lambda t: recipe if same_tensor(t, product) else None):
         return self.down_proj(product)
 
 

@@ -3,7 +3,9 @@
 In a pre-norm block the q/k/v adapters (and gate/up's) keep norm(h) for their weight gradients,
 while the norm keeps h for its own: two [tokens x hidden] tensors where one would do. In a
 patched block, a saved norm output is stored as a recipe that reruns the norm on h in backward
-(one elementwise pass, the same values). Blocks under gradient checkpointing are left as they are.
+(one elementwise pass, the same values); h itself is saved through the enclosing saved-tensor hooks. Blocks
+under transformers' gradient checkpointing are left as they are: the patch sits outside the checkpoint's
+hooks, so it would change nothing there.
 """
 from __future__ import annotations
 
@@ -14,25 +16,26 @@ from torch import nn
 
 from lorakit.families import is_norm
 from lorakit.lora.layers import LoraLayer
-from lorakit.memory.recipes import patch_forward, patched_with, same_tensor, saved_as_recipes
+from lorakit.memory.recipes import Recipe, patch_forward, patched_with, same_tensor, saved_as_recipes
 
 
 class _NormCall:
-    """One call of a norm inside a patched block: enough to run it again (not its output)."""
+    """One call of a norm inside a patched block: its input and enough to run it again (not its output)."""
 
     def __init__(self, norm: nn.Module, x: torch.Tensor):
-        self.norm, self.x, self.version = norm, x, x._version
+        self.norm, self.x = norm, x
         device = x.device.type
         self.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
 
-    def recompute(self) -> torch.Tensor:
-        if self.x._version != self.version:
-            raise RuntimeError(f"the input of {type(self.norm).__name__} was modified in place after the "
-                               "forward pass, so lorakit cannot recompute its output for backward; leave it "
-                               "unchanged until backward has run")
-        device, dtype, enabled = self.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            return self.norm(self.x)
+    def recipe(self) -> Recipe:
+        """Its output from its input (saved through the enclosing hooks, like any saved tensor)."""
+        return Recipe(partial(_rerun, self.norm, self.autocast), (self.x,), type(self.norm).__name__)
+
+
+def _rerun(norm: nn.Module, autocast: tuple, x: torch.Tensor) -> torch.Tensor:
+    device, dtype, enabled = autocast
+    with torch.autocast(device, dtype=dtype, enabled=enabled):
+        return norm(x)
 
 
 def _record(block: nn.Module, norm: nn.Module, args, out) -> None:
@@ -41,8 +44,8 @@ def _record(block: nn.Module, norm: nn.Module, args, out) -> None:
         calls.append((out, _NormCall(norm, args[0])))
 
 
-def _recipe(calls: list[tuple[torch.Tensor, _NormCall]], saved: torch.Tensor):
-    return next((call.recompute for out, call in calls if same_tensor(saved, out)), None)
+def _recipe(calls: list[tuple[torch.Tensor, _NormCall]], saved: torch.Tensor) -> Recipe | None:
+    return next((call.recipe() for out, call in calls if same_tensor(saved, out)), None)
 
 
 def _lean_forward(self, *args, **kwargs):

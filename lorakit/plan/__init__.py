@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from lorakit.plan.estimate import Plan, Recipe, estimate
+from lorakit.plan.estimate import PLANNED_FAMILIES, Plan, Recipe, estimate
 from lorakit.plan.shape import read_shape
 
 __all__ = ["Plan", "Recipe", "estimate", "predict_peak", "read_shape"]
@@ -15,5 +15,12 @@ __all__ = ["Plan", "Recipe", "estimate", "predict_peak", "read_shape"]
 
 def predict_peak(model: str, args) -> int:
     """The predicted peak bytes of tensors (max_memory_allocated) of a `lorakit train` run: `model` is a folder,
-    config.json or known hub id, `args` its TrainArgs. For logging beside the measured peak."""
-    return estimate(read_shape(model), Recipe.from_train_args(args)).peak_bytes
+    config.json or known hub id, `args` its TrainArgs. For logging beside the measured peak; a ValueError for
+    runs whose memory the estimate does not describe (another task, a family it has no terms for)."""
+    if getattr(args, "task_type", "causal_lm") == "seq_cls":
+        raise ValueError("lorakit plan predicts causal-LM training, not sequence classification")
+    shape = read_shape(model)
+    if shape.model_type not in PLANNED_FAMILIES:
+        raise ValueError(f"lorakit plan has no terms for {shape.model_type or 'unnamed'} models "
+                         f"(it plans {', '.join(sorted(PLANNED_FAMILIES))})")
+    return estimate(shape, Recipe.from_train_args(args)).peak_bytes

@@ -16,6 +16,7 @@ from lorakit.families import FAMILIES
 from lorakit.plan.shape import Linear, Shape
 
 SDPA = {"llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gpt2"}  # the others run eager attention
+PLANNED_FAMILIES = SDPA | {"gemma2"}  # the model types whose blocks the terms below describe
 FUSED_CHUNK = 1 << 24  # lorakit.memory.loss._CHUNK_ELEMENTS: logits per chunk of the fused head
 CUDA_CONTEXT = 600 * (1 << 20)  # CUDA context + cuBLAS/cuDNN handles and workspaces: outside max_memory_allocated
 ALLOCATOR_SLACK = 0.05  # the caching allocator's reserved-but-unused share at the peak
@@ -262,10 +263,9 @@ def _attention_core(shape: Shape, recipe: Recipe, d: Dims) -> int:
 
 
 def checkpointed_block(shape: Shape, recipe: Recipe, d: Dims) -> int:
-    """Under checkpointing a block keeps its input; the gated saver's gate(x) and up(x) stay too, since its
-    saved-tensor hooks sit above checkpointing's (measured: they are not recomputed)."""
-    gated = 2 * d.n * shape.intermediate * d.a if gated_saver(shape, recipe) else 0
-    return d.n * shape.hidden * d.rb + gated
+    """Under checkpointing a block keeps its input alone: the savers' recipes save their inputs through
+    checkpointing's hooks, so those are recomputed with the block too."""
+    return d.n * shape.hidden * d.rb
 
 
 def gated_saver(shape: Shape, recipe: Recipe) -> bool:
@@ -340,7 +340,7 @@ def estimate(shape: Shape, recipe: Recipe) -> Plan:
     paged = recipe.optim.startswith("paged_")
     norm_saver = recipe.lora and recipe.memory_savers and not recipe.checkpointing
     per_block = block_kept(shape, recipe, d, norm_saver)
-    if recipe.checkpointing:  # block inputs (and the gated saver's two); backward recomputes one block at a time
+    if recipe.checkpointing:  # block inputs; backward recomputes one block at a time
         blocks = shape.layers * checkpointed_block(shape, recipe, d)
         recompute = block_kept(shape, recipe, d, False) - d.n * shape.hidden * 4
     else:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lorakit
-from helpers import build_model, lean_train_step
+from helpers import BLOCK_INPUT, build_model, kept_for_backward, lean_train_step
 from lorakit.memory.gated_mlp import GatedProduct
 
 
@@ -31,11 +31,12 @@ def test_lean_mlp_keeps_gradients_and_saves_less(arch, checkpointing):
     fewer bytes saved for backward; also under transformers' gradient checkpointing."""
     results = []
     for without in (None, "gated_mlp"):
-        saved = []
+        saved = {}  # storage -> bytes: a tensor saved twice (by an op and by a recipe) is kept once
         counting = torch.autograd.graph.saved_tensors_hooks(
-            lambda t, saved=saved: saved.append(t.numel() * t.element_size()) or t, lambda t: t)
+            lambda t, saved=saved: saved.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()})
+            or t, lambda t: t)
         loss, grads = lean_train_step(arch, without, checkpointing, outer_hooks=counting)
-        results.append((loss, grads, sum(saved)))
+        results.append((loss, grads, sum(saved.values())))
     (loss_lean, grads_lean, saved_lean), (loss_plain, grads_plain, saved_plain) = results
     torch.testing.assert_close(loss_lean, loss_plain, rtol=1e-6, atol=1e-6)
     assert grads_lean.keys() == grads_plain.keys()
@@ -65,3 +66,19 @@ def test_product_is_freed_after_forward():
     gc.collect()
     assert len(products) == 2 and all(ref() is None for ref in products)
     loss.backward()
+
+
+
+def test_under_checkpointing_only_block_inputs_are_kept():
+    """The saver's recipe saves gate(x) and up(x) through checkpointing's hooks (nested inside it), so
+    between blocks nothing of the MLP stays: the same bytes as without the saver, growing per layer by
+    the block's input (and checkpoint's copy of the CPU RNG state) only."""
+    on = {layers: kept_for_backward("gated_mlp", True, layers) for layers in (2, 4)}
+    off = {layers: kept_for_backward("gated_mlp", False, layers) for layers in (2, 4)}
+    assert on[2] <= off[2] and on[4] <= off[4], (on, off)
+    assert (on[4] - on[2]) / 2 <= BLOCK_INPUT + torch.get_rng_state().numel(), (on, off)
+
+
+def test_inside_a_checkpoint_of_the_whole_model_nothing_of_the_mlp_is_kept():
+    on, off = (kept_for_backward("gated_mlp", saver, 2, checkpoint="model") for saver in (True, False))
+    assert on <= off, (on, off)

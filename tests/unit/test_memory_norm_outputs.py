@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lorakit
-from helpers import build_model, lean_train_step, model_inputs
+from helpers import build_model, kept_for_backward, lean_train_step, model_inputs
 from lorakit.memory import norm_outputs as lean_norm
 
 
@@ -66,3 +66,15 @@ def test_merge_and_unload_removes_the_patch_and_the_hooks():
     assert lean_norm.install(model) == 0  # already patched: no second set of hooks
     plain = peft_model.merge_and_unload()
     assert all("forward" not in m.__dict__ and not m._forward_hooks for m in plain.modules())
+
+
+def test_inside_a_checkpoint_nothing_of_the_norms_is_kept():
+    """A recipe saves the norm's input through the enclosing hooks: inside a checkpoint (here torch's around
+    the whole model, so the patched blocks run within it) that input is recomputed, not kept."""
+    on, off = (kept_for_backward("norm_outputs", saver, 2, checkpoint="model") for saver in (True, False))
+    assert on <= off, (on, off)
+
+
+def test_under_transformers_checkpointing_the_blocks_are_left_alone():
+    on, off = (kept_for_backward("norm_outputs", saver, 2) for saver in (True, False))
+    assert on == off, (on, off)
