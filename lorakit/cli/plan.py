@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 
-from lorakit.plan.estimate import Recipe, estimate
+from lorakit.plan.estimate import PLANNED_FAMILIES, Recipe, estimate
 from lorakit.plan.levers import levers
 from lorakit.plan.report import as_json, text
 from lorakit.plan.shape import read_shape
@@ -59,6 +60,10 @@ def run(argv: list[str]) -> int:
     budget = parse_memory(own.gpu_memory) if own.gpu_memory else None
     args = parse_train_args(rest)
     shape, recipe = read_shape(args.model), Recipe.from_train_args(args)
+    if shape.model_type not in PLANNED_FAMILIES:
+        print(f"lorakit plan: warning: no measured terms for {shape.model_type or 'unnamed'} models (measured: "
+              f"{', '.join(sorted(PLANNED_FAMILIES))}); activations are estimated as for a Llama-style block",
+              file=sys.stderr)
     plan = estimate(shape, recipe)
     fits = budget is None or plan.device_bytes <= budget
     fixes = [] if fits else levers(shape, recipe, budget)

@@ -83,7 +83,14 @@ def test_json_has_the_peak(capsys):
 def test_a_config_json_path_works(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **LLAMA}))
     assert main(["plan", "--model", str(tmp_path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["model_type"] == "llama"
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["model_type"] == "llama" and "warning" not in captured.err
+
+
+def test_a_family_without_measured_terms_is_planned_with_a_warning(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon_like", **LLAMA}))
+    assert main(["plan", "--model", str(tmp_path), "--json"]) == 0
+    assert "no measured terms for falcon_like models" in capsys.readouterr().err
 
 
 def test_known_ids_work_offline_and_unknown_ones_say_what_to_pass(capsys):
