@@ -45,16 +45,16 @@ def extract_adapter(base: str, tuned: str, output_dir: str | os.PathLike, rank: 
     files.require_new_dir(output_dir)
     base_dir, tuned_dir = resolve_model_path(base), resolve_model_path(tuned)
     base_ckpt, tuned_ckpt = Checkpoint(base_dir), Checkpoint(tuned_dir)
-    check_same_keys(base_ckpt, tuned_ckpt, base_dir, tuned_dir)
-    model = skeleton(base_dir)
+    model = skeleton(tuned_dir)  # the tuned model's class: a classifier fine-tuned from a headless encoder
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=target_modules or "all-linear",
                         modules_to_save=modules_to_save, task_type=task_type(model), base_model_name_or_path=base)
     targets = set(extraction_targets(model, config))
     names, prefix = set(model.state_dict()), getattr(model, "base_model_prefix", "")
     check_saved_exist(model, modules_to_save or [])
+    base_keys = matching_keys(base_ckpt, tuned_ckpt, prefix, base_dir, tuned_dir, modules_to_save or [])
     state, report, saved = {}, ExtractReport(), set()
     for key, after in tqdm(tuned_ckpt.items(), total=len(tuned_ckpt.file_of), desc="extract", unit="tensor"):
-        before = base_ckpt.tensor(key)
+        before = base_ckpt.tensor(base_keys[key]) if key in base_keys else torch.zeros_like(after)
         if before.shape != after.shape:
             raise ValueError(f"{key} has shape {tuple(before.shape)} in {base_dir} but {tuple(after.shape)} in "
                              f"{tuned_dir}: the tuned model is not a fine-tune of this base")
@@ -118,12 +118,25 @@ def target_list(model: nn.Module, paths: list[str]) -> list[str]:
     return leaves if picked == set(paths) else sorted(paths)
 
 
-def check_same_keys(base: Checkpoint, tuned: Checkpoint, base_dir: str, tuned_dir: str) -> None:
-    missing, extra = sorted(set(base.file_of) - set(tuned.file_of)), sorted(set(tuned.file_of) - set(base.file_of))
-    if missing or extra:
-        raise ValueError(f"{tuned_dir} and {base_dir} hold different tensors ({len(missing)} only in the base, e.g. "
-                         f"{missing[:3]}; {len(extra)} only in the tuned model, e.g. {extra[:3]}): extract needs a "
-                         "fully fine-tuned copy of the same architecture")
+def matching_keys(base: Checkpoint, tuned: Checkpoint, prefix: str, base_dir: str, tuned_dir: str,
+                  modules_to_save: list[str]) -> dict[str, str]:
+    """tuned key -> base key, also across a task head's prefix (a classifier's `bert.x` is an encoder's `x`).
+    Tensors new in the tuned model (its head) must be kept whole (modules_to_save); a base tensor the tuned
+    model lacks means another architecture."""
+    candidates = {k: [k, k.removeprefix(f"{prefix}."), f"{prefix}.{k}"] for k in tuned.file_of}
+    found = {k: next((c for c in cs if c in base.file_of), None) for k, cs in candidates.items()}
+    new = sorted(k for k, b in found.items() if b is None)
+    missing = sorted(set(base.file_of) - set(found.values()))
+    if missing:
+        raise ValueError(f"{tuned_dir} and {base_dir} hold different tensors ({len(missing)} of the base are not "
+                         f"in the tuned model, e.g. {missing[:3]}; {len(new)} only in the tuned model, e.g. "
+                         f"{new[:3]}): extract needs a fully fine-tuned copy of the same architecture")
+    unsaved = [k for k in new if not any(name_matches(o, modules_to_save) for o in _owners(k.rpartition(".")[0]))]
+    if unsaved:
+        heads = sorted({k.rpartition(".")[0].split(".")[0] for k in unsaved})
+        raise ValueError(f"{len(unsaved)} tensors of {tuned_dir} are new, not in {base_dir} (e.g. {unsaved[:3]}): "
+                         f"a head added in fine-tuning; keep it whole with --modules_to_save {' '.join(heads)}")
+    return {k: b for k, b in found.items() if b is not None}
 
 
 def check_saved_exist(model: nn.Module, modules_to_save: list[str]) -> None:

@@ -332,6 +332,32 @@ def test_extract_reports_other_changes_and_keeps_the_named_ones(tiny_lm_dir, tmp
                                atol=1e-5, rtol=1e-5)
 
 
+def test_extract_from_a_classifier_fine_tuned_on_a_headless_encoder(tmp_path, capsys):
+    """The base an encoder alone (BertModel), the tuned model a classifier (`bert.` keys and a new head):
+    the head must be kept whole, and PEFT then rebuilds the tuned classifier from the base."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    tuned_model = build_model("bert", nonzero_biases=True)
+    tuned_model.bert.save_pretrained(str(tmp_path / "encoder"))
+    with torch.no_grad():
+        tuned_model.bert.encoder.layer[0].attention.self.query.weight += low_rank(32, 32, rank=2, seed=5)
+    tuned_model.save_pretrained(str(tmp_path / "tuned"))
+    args = ["extract", "--model", str(tmp_path / "encoder"), "--tuned", str(tmp_path / "tuned"), "--rank", "2"]
+    assert main([*args, "--output_dir", str(tmp_path / "no_head")]) == 2
+    assert "a head added in fine-tuning; keep it whole with --modules_to_save classifier" in capsys.readouterr().err
+    assert not (tmp_path / "no_head").exists()
+    assert main([*args, "--modules_to_save", "classifier", "--output_dir", str(tmp_path / "out")]) == 0
+    assert adapter_config(tmp_path / "out")["task_type"] == "SEQ_CLS"
+    labels = tuned_model.config.num_labels
+    rebuilt = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        str(tmp_path / "encoder"), num_labels=labels), str(tmp_path / "out")).eval()
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(input_ids=ids).logits, tuned_model.eval()(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
 # --- inspect ----------------------------------------------------------------------------------------
 def test_inspect_json_describes_each_module(tiny_lm_dir, tmp_path, capsys):
     adapter = make_adapter(tiny_lm_dir, tmp_path / "adapter", target_modules=["q_proj", "v_proj"], use_dora=True,
