@@ -46,7 +46,6 @@ IGNORED_FLAGS = {
 # ms-swift flags that would change the run in a way lorakit cannot: refused, with why.
 REFUSED_FLAGS = {
     "deepspeed": "lorakit has no DeepSpeed; torchrun gives data parallelism (docs/training.md)",
-    "fsdp": "FSDP sharding is not implemented; torchrun gives data parallelism (docs/training.md)",
     "packing": "sequence packing is not implemented",
     "streaming": "datasets are read into memory; streaming is not implemented",
     "template": "conversations use the tokenizer's own chat template (or lorakit's fallback)",
@@ -143,6 +142,10 @@ class TrainArgs:
     per_device_eval_batch_size: int = field(default=16, metadata=_help("Examples per process per eval batch."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-steps per optimiser step."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in backward."))
+    fsdp: Optional[str] = field(default=None, metadata=_help(
+        "Under torchrun: shard weights, gradients and optimiser state across processes with FSDP2, one transformer "
+        "block at a time (bare --fsdp, full_shard, or transformers' 'full_shard auto_wrap'); default: data "
+        "parallel (DDP), every process holding the whole model.", nargs="?", const="full_shard"))
     memory_savers: bool = field(default=True, metadata=_help(
         "lorakit's memory savers (same numbers, less memory): the causal-LM head and loss fused, gated MLPs "
         "and norm outputs recomputed in backward. false: the model's own code paths, untouched."))
@@ -191,6 +194,7 @@ class TrainArgs:
             problems.append("--use_dora needs --train_type lora or qlora, got full")
         if self.freeze_llm and self.freeze_vit and self.freeze_aligner:
             problems.append("--freeze_llm, --freeze_vit and --freeze_aligner are all true: nothing would train")
+        self.fsdp = _fsdp_option(self.fsdp, problems)
         unknown_sinks = set(self.report_to) - {"tensorboard", "none"}
         if unknown_sinks:
             problems.append(f"--report_to accepts tensorboard or none, got {sorted(unknown_sinks)}")
@@ -204,6 +208,20 @@ class TrainArgs:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _fsdp_option(value, problems: list[str]) -> str | None:
+    """--fsdp's value: None (off) or "full_shard"; the spellings transformers and ms-swift accept map here."""
+    if value is None or value is False or str(value).strip().lower() in ("", "false", "no", "none"):
+        return None
+    words = ["full_shard"] if value is True or str(value).lower() == "true" else str(value).lower().split()
+    other = [w for w in words if w not in ("full_shard", "auto_wrap")]
+    if other or "full_shard" not in words:
+        problems.append(f"--fsdp {value!r}: lorakit shards fully, block by block (FSDP2); give --fsdp, --fsdp "
+                        "full_shard or --fsdp 'full_shard auto_wrap' (shard_grad_op, hybrid_shard and offload are "
+                        "not implemented)")
+        return None
+    return "full_shard"
 
 
 def _raise(message: str):

@@ -7,6 +7,11 @@
       optimizer.pt, scheduler.pt, rng_state.pt   (read back with weights_only=True)
       trainer_state.json      step, epoch, run id, the settings that decide the run's steps
 
+Under --fsdp, trainable.safetensors and optimizer.pt are replaced by torch.distributed.checkpoint
+(DCP) shards: every rank writes its own `__<rank>_0.distcp` and rank 0 the `.metadata`; DCP reshards
+on load, so a run saved on N processes resumes on any number (the same global batch). The adapter
+files are gathered whole on rank 0, as in any checkpoint.
+
 The folder is written under a temporary name and renamed once complete, so a run killed at
 any moment leaves either the whole checkpoint or none. output_dir/run.json names the run that
 last started there, so `--resume` never continues another run's checkpoint.
@@ -26,6 +31,7 @@ from torch import nn
 
 from lorakit.io import files
 from lorakit.model.peft_model import PeftModel
+from lorakit.train import distributed, fsdp
 
 PREFIX = "checkpoint-"
 RUN_FILE = "run.json"
@@ -81,14 +87,59 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, sc
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_states, tmp / "rng_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "global_step": step}, indent=2))
+    _publish(tmp, final)
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete temporary folder to its final name (replacing a checkpoint of the same step)."""
     if final.exists():  # the same step saved before (e.g. Ctrl-C right after a periodic save)
-        stale = output_dir / f".{PREFIX}{step}.old"
+        stale = final.parent / f".{final.name}.old"
         os.replace(final, stale)
         os.replace(tmp, final)
         shutil.rmtree(stale)
     else:
         os.replace(tmp, final)
+
+
+def sharded_state(engine: nn.Module, optimizer) -> dict:
+    """The trainable weights and the optimiser state, by name, as DCP saves and loads them (DTensor shards
+    under FSDP, whole tensors on one process)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    fsdp.reshard(engine)
+    model, optim = get_state_dict(engine, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model, "optimizer": optim}
+
+
+def save_sharded_checkpoint(output_dir: Path, step: int, model: nn.Module, engine: nn.Module, optimizer, scheduler,
+                            rng_states: list[dict], trainer_state: dict, ctx: distributed.Dist) -> Path:
+    """Write checkpoint-<step> from every rank (--fsdp): DCP shards, then rank 0's files; rank 0 renames the
+    temporary folder once every rank has finished."""
+    import torch.distributed.checkpoint as dcp
+
+    final = output_dir / f"{PREFIX}{step}"
+    tmp = output_dir / f".{PREFIX}{step}.tmp"
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier(ctx)
+    dcp.save(sharded_state(engine, optimizer), checkpoint_id=str(tmp))
+    with fsdp.gathered(model, ctx.is_main):
+        if ctx.is_main and isinstance(model, PeftModel):
+            model.save_pretrained(str(tmp))
+    if ctx.is_main:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_states, tmp / "rng_state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "global_step": step}, indent=2))
+    distributed.barrier(ctx)
+    if ctx.is_main:
+        _publish(tmp, final)
     return final
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (path / ".metadata").is_file()
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -129,8 +180,35 @@ def resolve_resume(resume: str, output_dir: Path) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> tuple[dict, list[dict]]:
-    """Restore parameters, optimiser and scheduler; return (trainer_state, per-rank RNG states)."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
+                    engine: nn.Module | None = None) -> tuple[dict, list[dict]]:
+    """Restore parameters, optimiser and scheduler; return (trainer_state, per-rank RNG states). A sharded
+    checkpoint (--fsdp) loads through `engine`, the run's step module, resharded to this run's ranks."""
+    if is_sharded_checkpoint(path):
+        _load_sharded(path, engine if engine is not None else model, optimizer)
+    else:
+        _load_whole(path, model, optimizer)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_states = torch.load(path / "rng_state.pt", weights_only=True)
+    return read_state(path), rng_states
+
+
+def _load_sharded(path: Path, engine: nn.Module, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = sharded_state(engine, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as err:  # DCP names the tensor that is missing or of another shape
+        raise ValueError(f"{path} does not match this model and adapter settings: {err}") from None
+    set_state_dict(engine, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def _load_whole(path: Path, model: nn.Module, optimizer) -> None:
+    if not (path / "trainable.safetensors").is_file():
+        raise FileNotFoundError(f"{path}: no trainable.safetensors (nor DCP shards)")
     saved = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
@@ -145,9 +223,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> tuple
         with torch.no_grad():
             params[name].copy_(tensor)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng_states = torch.load(path / "rng_state.pt", weights_only=True)
-    return read_state(path), rng_states
 
 
 def rotate(output_dir: Path, keep: int, own: set[str]) -> None:

@@ -1,11 +1,18 @@
-"""Data-parallel plumbing: process groups under torchrun, and summing gradients across ranks."""
+"""Beyond one device, with PyTorch's own engines: process groups under torchrun, and the module that runs a
+training step wrapped in DistributedDataParallel (replicated weights, gradients averaged in buckets while
+backward runs) or sharded with FSDP2 (lorakit.train.fsdp)."""
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from lorakit.train import fsdp
 
 
 @dataclass
@@ -42,19 +49,51 @@ def teardown(ctx: Dist) -> None:
         dist.destroy_process_group()
 
 
-def sum_gradients(params: list[torch.nn.Parameter], ctx: Dist) -> None:
-    """Sum each parameter's gradient over ranks with one flat all-reduce (missing grads count as 0)."""
+class StepModule(nn.Module):
+    """The model and its loss as one module, so that DDP's and FSDP's forward hooks see the whole
+    forward (the fused head-and-loss path calls the decoder and the head apart). forward(batch) ->
+    (summed loss, logits or None)."""
+
+    def __init__(self, model: nn.Module, loss: Callable):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.loss(self.model, batch)
+
+
+def wrap(model: nn.Module, loss: Callable, ctx: Dist, sharded: bool, bf16: bool) -> nn.Module:
+    """The module that runs a step: FSDP2-sharded (`sharded`, more than one process), in DDP (more than one
+    process), or as is. DDP registers only trainable parameters; a parameter a batch leaves unused (a
+    vision tower on text rows, an idle expert) is reduced as zero, as one process would have it."""
+    step = StepModule(model, loss)
     if ctx.world == 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-        offset += p.numel()
+        return step
+    if sharded:
+        fsdp.shard(step, model, ctx.device, ctx.world, bf16)
+        return step
+    return nn.parallel.DistributedDataParallel(step, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
+                                               find_unused_parameters=True, broadcast_buffers=False)
+
+
+def unwrap(engine: nn.Module) -> StepModule:
+    """The StepModule inside DDP (for evaluation, which needs no gradient sync)."""
+    return engine.module if isinstance(engine, nn.parallel.DistributedDataParallel) else engine
+
+
+def sync_gradients(engine: nn.Module, last: bool):
+    """A context for one micro-batch's backward: DDP all-reduces only on the last micro-batch of a step
+    (no_sync() on the others, gradients accumulate locally). FSDP2 reduce-scatters every micro-batch, so
+    that no rank ever holds whole gradients."""
+    if isinstance(engine, nn.parallel.DistributedDataParallel) and not last:
+        return engine.no_sync()
+    return contextlib.nullcontext()
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip the gradients' global norm (sharded ones included) to max_norm; the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
 
 
 def sum_across(values: list[float], ctx: Dist) -> list[float]:
@@ -78,3 +117,15 @@ def gather_objects(obj, ctx: Dist) -> list:
 def barrier(ctx: Dist) -> None:
     if ctx.world > 1:
         dist.barrier()
+
+
+def describe(model: nn.Module, ctx: Dist, sharded: bool) -> str:
+    """One line on how the run spreads over processes (FSDP: each rank's measured share of parameter bytes)."""
+    if ctx.world == 1:
+        return "processes: 1" + (" (--fsdp: nothing to shard; checkpoints are still sharded-format)" if sharded else "")
+    if not sharded:
+        return f"processes: {ctx.world}, data parallel (DDP): every rank holds the whole model"
+    shares = gather_objects(fsdp.local_bytes(model), ctx)
+    whole = shares[0][1]
+    return (f"processes: {ctx.world}, FSDP2: parameter bytes per rank [{' '.join(str(m) for m, _ in shares)}] "
+            f"of {whole} in the model (1/{ctx.world}: {whole // ctx.world})")

@@ -2,11 +2,13 @@
 
 The loss is a sum over label tokens (or examples, for classification) divided by the count
 in the whole global batch, so one process and N processes with the same global batch take
-the same steps. Gradients are summed across ranks with one flat all-reduce per step.
+the same steps. Under torchrun the step runs in DDP (or FSDP2 with --fsdp), whose gradient reduction
+averages over ranks: each rank's share of the loss is scaled by the process count so the average is the sum.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -23,10 +25,10 @@ from lorakit.data.encode import Encoded, collate, loss_units
 from lorakit.io import files
 from lorakit.io.pretrained import load_model, load_tokenizer, resolve_model_path
 from lorakit.memory.loss import IGNORE_INDEX
-from lorakit.train import checkpoints, distributed
+from lorakit.train import checkpoints, distributed, fsdp, peak
 from lorakit.train.args import TrainArgs
 from lorakit.train.loss import batch_loss_sum
-from lorakit.train.metrics import METRICS_FILE, MetricsLog, plot_loss_curve
+from lorakit.train.metrics import METRICS_FILE, MetricsLog, append_event, plot_loss_curve
 from lorakit.train.model import part_counts, prepare_model, save_trained
 from lorakit.train.optim import build_optimizer
 from lorakit.train.prepare import PreparedData, describe_data, fit_max_length, prepare_data, resolve_args
@@ -48,25 +50,34 @@ def global_batch(n: int, step: int, steps_per_epoch: int, global_size: int, seed
     return epoch_order(n, seed, epoch)[k * global_size:(k + 1) * global_size]
 
 
-def accumulate_gradients(model, examples: list[Encoded], args: TrainArgs, pad_id: int, ctx: distributed.Dist,
+def accumulate_gradients(engine, examples: list[Encoded], args: TrainArgs, pad_id: int, ctx: distributed.Dist,
                          bf16: bool) -> float:
     """Forward and backward this rank's micro-batches of one global batch; returns its share of the loss.
 
-    Micro-batch m of rank r holds examples [(m * world + r) * b, ... + b) of the global batch.
+    Micro-batch m of rank r holds examples [(m * world + r) * b, ... + b) of the global batch. `engine` is the
+    run's step module (distributed.wrap): DDP reduces gradients on the last micro-batch only.
     """
     units = sum(loss_units(item) for item in examples)
-    size, total = args.per_device_train_batch_size, 0.0
-    for micro in range(args.gradient_accumulation_steps):
+    size, total, steps = args.per_device_train_batch_size, 0.0, args.gradient_accumulation_steps
+    for micro in range(steps):
         offset = (micro * ctx.world + ctx.rank) * size
-        chunk = examples[offset:offset + size]
+        chunk, weight = examples[offset:offset + size], 1.0
         if not chunk:  # the last, partial global batch may leave a rank without examples
-            continue
+            if ctx.world == 1:
+                continue
+            chunk, weight = examples[:1], 0.0  # it still joins the ranks' collectives, adding nothing
         batch = {k: v.to(ctx.device) for k, v in collate(chunk, pad_id).items()}
-        with autocast(ctx, bf16):
-            loss = batch_loss_sum(model, batch, args.memory_savers)[0] / units
-        loss.backward()
+        with distributed.sync_gradients(engine, last=micro == steps - 1):
+            with autocast(ctx, bf16):
+                loss = engine(batch)[0] / units * weight
+            (loss * ctx.world).backward()  # DDP / FSDP average over ranks: times world keeps the sum
         total += loss.item()
     return total
+
+
+def step_loss(model, batch: dict[str, torch.Tensor], fused: bool):
+    """(summed loss, logits or None) of a batch: the forward of the run's step module."""
+    return batch_loss_sum(model, batch, fused)
 
 
 def autocast(ctx: distributed.Dist, bf16: bool):
@@ -76,7 +87,8 @@ def autocast(ctx: distributed.Dist, bf16: bool):
 @torch.no_grad()
 def evaluate(model, items: list[Encoded], args: TrainArgs, pad_id: int, ctx: distributed.Dist,
              bf16: bool) -> dict[str, float]:
-    """Loss (and accuracy, for classification) over the eval set, sharded across ranks."""
+    """Loss (and accuracy, for classification) over the eval set, sharded across ranks. `model`: the run's
+    step module (distributed.StepModule: forward(batch) -> (summed loss, logits or None))."""
     was_training = model.training
     model.eval()
     total, units, correct = 0.0, 0, 0
@@ -85,7 +97,7 @@ def evaluate(model, items: list[Encoded], args: TrainArgs, pad_id: int, ctx: dis
         batch = {k: v.to(ctx.device) for k, v in
                  collate(mine[start:start + args.per_device_eval_batch_size], pad_id).items()}
         with autocast(ctx, bf16):
-            loss, logits = batch_loss_sum(model, batch, args.memory_savers)
+            loss, logits = model(batch)
         total += loss.item()
         if logits is not None and logits.dim() == 2:
             units += len(batch["labels"])
@@ -129,6 +141,8 @@ class Run:
     history: dict = field(default_factory=dict)
     own_checkpoints: set = field(default_factory=set)
     last_checkpoint: Path | None = None
+    model_path: str = ""  # the local folder the model was loaded from (for the memory plan)
+    engine: torch.nn.Module | None = None  # runs the step: the model and its loss, in DDP or FSDP (distributed.wrap)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -151,11 +165,14 @@ def _train(args: TrainArgs, ctx: distributed.Dist) -> dict:
         run.history["before"] = evaluate_run(run)
         run.say("before training: " + _fmt(run.history["before"]))
     timer = time.time()  # the training loop alone (train_runtime_s)
+    peak.reset(run.ctx.device)
     train_steps(run, log, timer)
+    memory = log_memory(run)
     result = {"global_step": run.step, "train_runtime_s": round(time.time() - timer, 2),
               "total_runtime_s": round(time.time() - started, 2), **parameter_counts(run.model),
               **_flat(run.history)}
     finish(run, result)
+    run.say(peak.describe(memory))
     return result
 
 
@@ -178,13 +195,16 @@ def setup(args: TrainArgs, ctx: distributed.Dist) -> Run:
     trajectory = run_trajectory(args, data, ctx.world, bf16)
     resume_from, run_id = resume_point(args, out, trajectory)
     model = build_model(args, ctx, model_path, data, bf16)
+    engine = distributed.wrap(model, functools.partial(step_loss, fused=args.memory_savers), ctx, bool(args.fsdp),
+                              bf16)
+    say(distributed.describe(model, ctx, bool(args.fsdp)))
     say(f"model: {model_path} ({args.train_type}), " + describe_parameters(model))
     steps_per_epoch = math.ceil(len(data.train) / (args.per_device_train_batch_size * ctx.world
                                                    * args.gradient_accumulation_steps))
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     optimizer = build_optimizer(model, args)
     run = Run(args, ctx, out, data, tokenizer, model, optimizer, build_scheduler(optimizer, args, total_steps),
-              bf16, run_id, trajectory, steps_per_epoch, total_steps)
+              bf16, run_id, trajectory, steps_per_epoch, total_steps, model_path=model_path, engine=engine)
     if resume_from:
         restore(run, resume_from)
     return run
@@ -228,7 +248,7 @@ def describe_parameters(model: torch.nn.Module) -> str:
 
 def restore(run: Run, path: Path) -> None:
     """Continue from a checkpoint of this run: weights, optimizer, schedule, history and random state."""
-    state, rng_states = checkpoints.load_checkpoint(path, run.model, run.optimizer, run.scheduler)
+    state, rng_states = checkpoints.load_checkpoint(path, run.model, run.optimizer, run.scheduler, run.engine)
     run.step, run.history = state["global_step"], state.get("history", {})
     run.own_checkpoints = {p.name for p in checkpoints.run_checkpoints(run.out, run.run_id)}
     run.last_checkpoint = path
@@ -247,17 +267,23 @@ def start_logs(run: Run) -> MetricsLog | None:
 
 
 def evaluate_run(run: Run) -> dict[str, float]:
-    return evaluate(run.model, run.data.val, run.args, run.tokenizer.pad_token_id, run.ctx, run.bf16)
+    return evaluate(distributed.unwrap(run.engine), run.data.val, run.args, run.tokenizer.pad_token_id, run.ctx,
+                    run.bf16)
 
 
 def save(run: Run, rng: dict) -> Path | None:
     """Checkpoint the run at its current step (written by the main process, rotated)."""
     rng_states = distributed.gather_objects(rng, run.ctx)
+    state = {"run_id": run.run_id, "trajectory": run.trajectory, "history": run.history,
+             "epoch": run.step / run.steps_per_epoch}
+    if run.args.fsdp:  # every rank writes its shards
+        path = checkpoints.save_sharded_checkpoint(run.out, run.step, run.model, run.engine, run.optimizer,
+                                                   run.scheduler, rng_states, state, run.ctx)
+    elif run.ctx.is_main:
+        path = checkpoints.save_checkpoint(run.out, run.step, run.model, run.optimizer, run.scheduler, rng_states,
+                                           state)
     if not run.ctx.is_main:
         return None
-    path = checkpoints.save_checkpoint(run.out, run.step, run.model, run.optimizer, run.scheduler, rng_states,
-                                       {"run_id": run.run_id, "trajectory": run.trajectory, "history": run.history,
-                                        "epoch": run.step / run.steps_per_epoch})
     run.own_checkpoints.add(path.name)
     checkpoints.rotate(run.out, run.args.save_total_limit, run.own_checkpoints)
     return path
@@ -268,17 +294,15 @@ def train_step(run: Run) -> tuple[float, float, float, list[int]]:
     A non-finite loss stops the run before anything is applied."""
     args, params = run.args, run.params
     indices = global_batch(len(run.data.train), run.step, run.steps_per_epoch, run.global_size, args.seed)
-    loss = accumulate_gradients(run.model, [run.data.train[i] for i in indices], args,
+    loss = accumulate_gradients(run.engine, [run.data.train[i] for i in indices], args,
                                 run.tokenizer.pad_token_id, run.ctx, run.bf16)
-    distributed.sum_gradients(params, run.ctx)
     loss = distributed.sum_across([loss], run.ctx)[0]
     if not math.isfinite(loss):
         raise TrainingDiverged(
             f"loss became {loss} at step {run.step + 1}; that step was not applied. Last good "
             f"checkpoint: {run.last_checkpoint or 'none saved yet'}. Lower --learning_rate and "
             "resume from it with --resume.")
-    grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-                 if args.max_grad_norm > 0 else float("nan"))
+    grad_norm = distributed.clip_grad_norm(params, args.max_grad_norm) if args.max_grad_norm > 0 else float("nan")
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
@@ -325,11 +349,23 @@ def train_steps(run: Run, log: MetricsLog | None, timer: float) -> None:
             log.close()
 
 
+def log_memory(run: Run) -> dict:
+    """The training loop's peak memory beside the plan's prediction for this run, as one metrics.jsonl record
+    (lorakit.train.peak); returned for the run's last line."""
+    longest = max((len(item.input_ids) for item in run.data.train), default=1)
+    fields = peak.record(run.model_path, run.args, run.bf16, longest, run.ctx.device)
+    if run.ctx.is_main:
+        append_event(run.out, run.step, fields)
+    return fields
+
+
 def finish(run: Run, result: dict) -> None:
     """The trained adapter (or model), labels, final metrics and loss curve in the run's folder."""
+    with fsdp.gathered(run.model, run.ctx.is_main) as whole:  # FSDP: every rank gathers, rank 0 saves
+        if run.ctx.is_main:
+            save_trained(run.model, run.data.processor or run.tokenizer, run.out, whole)
     if run.ctx.is_main:
         out = run.out
-        save_trained(run.model, run.data.processor or run.tokenizer, out)
         if run.data.labels:
             files.write_text(out / "labels.json", json.dumps(run.data.labels, indent=2))
         files.write_text(out / "final_metrics.json", json.dumps(result, indent=2))

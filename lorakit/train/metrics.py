@@ -45,6 +45,13 @@ class MetricsLog:
             self.writer.close()
 
 
+def append_event(output_dir: Path, step: int, fields: dict) -> None:
+    """One record that is not a scalar series (e.g. the run's memory check: {"event": "memory", ...}) appended to
+    metrics.jsonl after the scalar log has closed; it carries the step it was taken at, as every record does."""
+    with (output_dir / METRICS_FILE).open("a") as f:
+        f.write(json.dumps({"step": step, **fields}) + "\n")
+
+
 def plot_loss_curve(metrics_path: Path, png_path: Path) -> bool:
     """Train (and eval) loss against step, from metrics.jsonl; False if there is nothing to plot."""
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]

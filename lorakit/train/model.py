@@ -70,11 +70,11 @@ def part_counts(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def save_trained(model: nn.Module, tokenizer, output_dir: Path) -> None:
-    """The adapter in PEFT format (or, for full fine-tuning, the whole model) plus the tokenizer (a
-    vision-language model: its processor)."""
+def save_trained(model: nn.Module, tokenizer, output_dir: Path, state_dict: dict | None = None) -> None:
+    """The adapter in PEFT format (or, for full fine-tuning, the whole model: `state_dict` when given, as
+    gathered from FSDP shards) plus the tokenizer (a vision-language model: its processor)."""
     if isinstance(model, PeftModel):
         model.save_pretrained(str(output_dir))
     else:
-        model.save_pretrained(str(output_dir), safe_serialization=True)
+        model.save_pretrained(str(output_dir), state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(str(output_dir))

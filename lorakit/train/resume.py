@@ -18,6 +18,11 @@ FREE_ON_RESUME = ("output_dir", "overwrite", "resume", "logging_steps", "eval_st
                   "memory_savers")
 
 
+# How the global batch is split may change on --resume (a checkpoint is whole, or DCP shards that reshard
+# on load), as long as the global batch itself stays: per device x processes x accumulation.
+BATCH_SPLIT = ("per_device_train_batch_size", "gradient_accumulation_steps", "processes")
+_BATCH = (*BATCH_SPLIT, "global_batch_size")
+
 NOT_FLAGS = {"data": "the data (token ids of the train and eval examples)",
              "processes": "processes (torchrun --nproc_per_node)"}
 
@@ -37,7 +42,12 @@ def data_fingerprint(data: PreparedData) -> str:
 def run_trajectory(args: TrainArgs, data: PreparedData, processes: int, bf16: bool) -> dict:
     """What decides the steps of a run (saved in its checkpoints, compared on --resume)."""
     settings = {k: v for k, v in args.to_dict().items() if k not in FREE_ON_RESUME}
-    return {**settings, "bf16": bf16, "processes": processes, "data": data_fingerprint(data)}
+    return {**settings, "bf16": bf16, "processes": processes,
+            "global_batch_size": global_batch_size(settings, processes), "data": data_fingerprint(data)}
+
+
+def global_batch_size(settings: dict, processes: int) -> int:
+    return settings["per_device_train_batch_size"] * processes * settings["gradient_accumulation_steps"]
 
 
 def resume_point(args: TrainArgs, out: Path, trajectory: dict) -> tuple[Path | None, str]:
@@ -52,12 +62,31 @@ def resume_point(args: TrainArgs, out: Path, trajectory: dict) -> tuple[Path | N
 
 def check_same_trajectory(saved: dict, current: dict, path: Path) -> None:
     """Refuse to resume a checkpoint with settings that change the run's steps, naming each."""
+    if all(k in saved for k in BATCH_SPLIT) and "global_batch_size" not in saved:  # written before the split was free
+        saved = {**saved, "global_batch_size": global_batch_size(saved, saved["processes"])}
     changed = [f"{NOT_FLAGS.get(k, '--' + k)}: {saved[k]} in the checkpoint, {current[k]} now"
-               for k in saved if k in current and saved[k] != current[k]]
+               for k in saved if k in current and saved[k] != current[k] and k not in _BATCH]
+    if saved.get("global_batch_size", current["global_batch_size"]) != current["global_batch_size"]:
+        changed.append(_batch_change(saved, current))
     if changed:
         raise ValueError(f"--resume {path}: settings differ from the run that wrote the checkpoint: "
                          f"{'; '.join(changed)}. Resume with the same settings (e.g. --config "
                          f"{path.parent / 'run_config.yaml'}) or start a new run")
+
+
+def _batch_change(saved: dict, current: dict) -> str:
+    """Why the global batch differs, and which splits over this process count would keep it."""
+    size, processes = saved["global_batch_size"], current["processes"]
+    fix = (f"with {processes} processes, give --per_device_train_batch_size x --gradient_accumulation_steps = "
+           f"{size // processes}" if size % processes == 0 else
+           f"{size} examples cannot be split over {processes} processes; use a process count that divides {size}")
+    return (f"global batch: {size} in the checkpoint ({_split(saved)}), {current['global_batch_size']} now "
+            f"({_split(current)}); {fix}")
+
+
+def _split(trajectory: dict) -> str:
+    return (f"{trajectory['per_device_train_batch_size']} per device x {trajectory['processes']} processes x "
+            f"{trajectory['gradient_accumulation_steps']} accumulation")
 
 
 def prepare_output_dir(args: TrainArgs) -> Path:

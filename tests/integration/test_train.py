@@ -89,6 +89,29 @@ def test_bad_flag_values_are_named():
         parse_train_args(["--train_type", "qlorax"])
 
 
+def test_the_run_logs_its_peak_memory_beside_the_plan(tiny_lm_dir, alpaca_file, tmp_path, capsys):
+    out = tmp_path / "m"
+    loop.train(parse_train_args(quick_args(tiny_lm_dir, alpaca_file, out, max_steps=2)))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    memory = [r for r in records if r.get("event") == "memory"]
+    assert len(memory) == 1 and memory[0]["step"] == 2 and "plan_error" not in memory[0], memory
+    assert memory[0]["predicted_peak_bytes"] > 0 and memory[0]["measured_peak_bytes"] > 0
+    assert memory[0]["device"] == "cpu" and memory[0]["measure"].startswith("VmHWM (process RSS, an upper bound")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("memory: planned ") and ", measured " in last and "VmHWM" in last
+
+
+def test_a_model_the_planner_does_not_know_logs_why_and_trains(tmp_path, capsys):
+    folder = save_tiny_bert_classifier(tmp_path / "bert")
+    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": label} for t, label in SENTIMENT])
+    loop.train(parse_train_args(quick_args(folder, data, tmp_path / "o", max_steps=1)))
+    memory = [r for r in map(json.loads, (tmp_path / "o" / "metrics.jsonl").read_text().splitlines())
+              if r.get("event") == "memory"][0]
+    assert memory["predicted_peak_bytes"] is None and memory["measured_peak_bytes"] > 0
+    assert "not sequence classification" in memory["plan_error"]
+    assert "memory: not planned (ValueError: lorakit plan predicts causal-LM training" in capsys.readouterr().out
+
+
 def test_trains_the_response_loss_down(tiny_lm_dir, alpaca_file, tmp_path):
     result = loop.train(parse_train_args(quick_args(tiny_lm_dir, alpaca_file, tmp_path / "r", max_steps=20,
                                                     val_split_ratio=0.25, learning_rate=3e-2)))
@@ -287,7 +310,7 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(tiny_lm_dir, alpaca_file
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {out / resumes_from} at step {int(resumes_from.split('-')[1])}" in resumed.stdout
     assert_same_weights(adapter_weights(out), expected)
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
     assert steps == sorted(set(steps))  # no duplicated records from the killed run
 
 
