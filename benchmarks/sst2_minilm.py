@@ -8,6 +8,11 @@ trainer (lorakit.train.loop.train); the probe is a few lines of plain PyTorch be
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sst2_minilm.py
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sst2_minilm.py --train_rows 200 --val_rows 100 --epochs 1 \
         --step_timing 2
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sst2_minilm.py --methods lora_all --bf16 false   # fp32
+
+--bf16 sets the lorakit runs' TrainArgs(bf16=...): auto (lorakit's default: bf16 autocast and a bf16
+frozen base on CUDA or on a CPU with a bf16 matrix unit, else fp32), true or false. The probe and
+the interleaved step timing always run in fp32.
 
 Prints a table and writes benchmarks/results/sst2_minilm.json (see --out).
 """
@@ -15,6 +20,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import platform
 import random
 import shutil
@@ -27,6 +33,7 @@ from pathlib import Path
 import torch
 
 DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.jsonl")  # ../shared
+BF16 = {"auto": None, "true": True, "false": False}  # --bf16 -> TrainArgs(bf16=...)
 METHODS = ["lora_qv", "lora_all", "qlora_all", "dora_all", "dora_all_peft_dropout", "full", "probe"]
 LABELS = {"lora_qv": "LoRA r=8 query,value", "lora_all": "LoRA r=8 all-linear",
           "qlora_all": "QLoRA r=8 all-linear (NF4 base)",
@@ -94,7 +101,7 @@ def run_lorakit(method: str, train_file: str, val_file: str, args) -> dict:
             learning_rate=args.lora_lr if lora else args.full_lr, num_train_epochs=args.epochs,
             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
             output_dir=out, report_to=["none"], save_total_limit=1, max_length=args.max_length,
-            eval_steps=10**9, save_steps=10**9, seed=args.seed, optim=args.optim)
+            eval_steps=10**9, save_steps=10**9, seed=args.seed, optim=args.optim, bf16=BF16[args.bf16])
         start = time.perf_counter()
         with peft_dora_dropout() if method == "dora_all_peft_dropout" else contextlib.nullcontext():
             result = train(train_args)
@@ -237,6 +244,8 @@ def main() -> None:
     p.add_argument("--probe_lr", type=float, default=1e-1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--optim", default="adamw_torch", help="lorakit train's --optim for the lorakit runs")
+    p.add_argument("--bf16", choices=BF16, default="auto",
+                   help="lorakit train's --bf16 for the lorakit runs (auto: lorakit's default on this machine)")
     p.add_argument("--step_timing", type=int, default=20,
                    help="rounds of the interleaved per-step timing (0 = skip it)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
@@ -263,8 +272,10 @@ def main() -> None:
             print(f"\n=== {LABELS[method]} ===", flush=True)
             results[method] = (run_probe(train_rows, val_rows, args) if method == "probe"
                                else run_lorakit(method, train_file, val_file, args))
-            print(f"{method}: val accuracy {results[method]['eval_accuracy']:.4f}, "
-                  f"{results[method]['wall_s']:.1f}s", flush=True)
+            loss = results[method].get("eval_loss")
+            print(f"{method}: val accuracy {results[method]['eval_accuracy']:.4f}"
+                  + (f", val loss {loss:.4f}" if loss is not None else "")
+                  + f", {results[method]['wall_s']:.1f}s, load average {os.getloadavg()[0]:.2f}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.step_timing > 0:
@@ -273,16 +284,21 @@ def main() -> None:
         for method, seconds in step_timing(timed, train_rows, args).items():
             results[method]["step_s"] = seconds
     total_s = time.perf_counter() - started
+    from lorakit.precision import fast_bf16
+
+    precision = "bf16 autocast" if BF16[args.bf16] or (BF16[args.bf16] is None and fast_bf16("cpu")) else "fp32"
 
     print(f"\nSST-2, all-MiniLM-L6-v2: {len(train_rows)} train / {len(val_rows)} val rows, "
-          f"{args.epochs} epochs, batch {args.batch_size}, seed {args.seed}; total {total_s:.0f}s\n")
+          f"{args.epochs} epochs, batch {args.batch_size}, seed {args.seed}, lorakit runs in {precision}; "
+          f"total {total_s:.0f}s\n")
     print(table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "settings": vars(args), "total_s": round(total_s, 1),
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "dtype": "fp32"},
+                    "threads": torch.get_num_threads(), "lorakit_runs": precision,
+                    "load_avg": [round(x, 2) for x in os.getloadavg()]},
         "results": {m: {"method": LABELS[m], **{k: v for k, v in r.items()}} for m, r in results.items()},
     }, indent=2))
     print(f"\nwrote {out}")

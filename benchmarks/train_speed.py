@@ -158,6 +158,11 @@ def main() -> None:
                 results.append(row)
                 print(f"| {adapter} | {shape} | {variant} | {t:.2f} | {row['time_ratio']:.2f} | {memory[variant]:.0f} "
                       f"| {row['memory_ratio']:.2f} | {row['util']:.0%} |", flush=True)
+            if "lorakit fp32" in variants:  # bf16 against fp32: median of the per-round ratios
+                for variant in ("lorakit", "lorakit train"):
+                    rounds = [x / y for x, y in zip(times[variant], times["lorakit fp32"])]
+                    print(f"{adapter} {shape}: {variant} (bf16) / lorakit fp32 (drop-in), median of per-round "
+                          f"ratios: {statistics.median(rounds):.3f}", flush=True)
     print(json.dumps(results))
 
 
