@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 
 from lorakit.data.encode import render_chat
-from lorakit.data.loading import read_rows, read_text
+from lorakit.data.loading import Row, read_rows, read_text
+from lorakit.data.multimodal import IMAGE_TAG, check_image, load_image, to_multimodal
 
 
 @dataclass
@@ -20,6 +21,10 @@ class InferArgs:
     model: Optional[str] = field(default=None, metadata={"help": (
         "Base model folder or hub id; default: the adapter's base_model_name_or_path.")})
     prompt: list[str] = field(default_factory=list, metadata={"help": "Prompt text (repeatable)."})
+    image: list[str] = field(default_factory=list, metadata={"help": (
+        "An image file for a vision-language model (repeatable); every prompt gets these images. <image> tags "
+        "in a prompt place them, in order (as many tags as images); a prompt without tags gets the images "
+        "before its text.")})
     prompts_file: Optional[str] = field(default=None, metadata={"help": (
         "A .txt file (one prompt per line) or a dataset file (.jsonl/.json/.csv/.parquet) with a "
         "prompt, instruction or text column; stdin when neither this nor --prompt is given.")})
@@ -92,8 +97,16 @@ def trained_system(adapter: Optional[str]) -> Optional[str]:
 
 
 def load_for_inference(args: InferArgs):
-    """(model, tokenizer, labels) from the adapter folder (and its base model)."""
-    from lorakit.io.pretrained import load_model, load_tokenizer, resolve_model_path
+    """(model, tokenizer, labels) from the adapter folder (and its base model); a vision-language model's
+    tokenizer is its processor (the adapter folder's, where training saved it)."""
+    from lorakit.io.pretrained import (
+        is_vision_language,
+        load_config,
+        load_model,
+        load_processor,
+        load_tokenizer,
+        resolve_model_path,
+    )
     from lorakit.model.peft_model import PeftModel
     from lorakit.precision import inference_dtype
 
@@ -110,8 +123,13 @@ def load_for_inference(args: InferArgs):
             raise ValueError(f"{adapter}/adapter_config.json names no base model; pass --model")
     else:
         base = args.model if adapter is None else str(adapter)
-    tokenizer = load_tokenizer(str(adapter) if adapter and (adapter / "tokenizer_config.json").is_file()
-                               else resolve_model_path(base))
+    vision = is_vision_language(load_config(resolve_model_path(base)))
+    if args.image and (task != "causal_lm" or not vision):
+        raise ValueError(f"--image needs a vision-language model (a config with a vision_config); {base} is "
+                         f"{'a classifier' if task != 'causal_lm' else 'text-only'}")
+    saved = "processor_config.json" if vision else "tokenizer_config.json"
+    folder = str(adapter) if adapter and (adapter / saved).is_file() else resolve_model_path(base)
+    tokenizer = load_processor(folder) if vision and task == "causal_lm" else load_tokenizer(folder)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(resolve_model_path(base), task, labels, inference_dtype(args.torch_dtype, device))
     if is_peft:
@@ -119,17 +137,20 @@ def load_for_inference(args: InferArgs):
     return model.to(device).eval(), tokenizer, labels
 
 
-def check_room(model, tokenizer, texts: list[str], args: InferArgs) -> None:
-    """Refuse, before generating, a prompt that leaves no room for --max_new_tokens in the model's positions."""
+def check_room(model, tokenizer, texts: list[str], args: InferArgs, lengths: list[int] | None = None,
+               first: int = 0) -> None:
+    """Refuse, before generating, a prompt that leaves no room for --max_new_tokens in the model's positions
+    (`lengths`: the prompts' token counts when known, with their image tokens; `first`: the first's index)."""
     from lorakit.io.pretrained import position_limit
 
     limit = position_limit(model.config)
     if limit is None:
         return
-    lengths = [len(tokenizer(text, add_special_tokens=args.raw)["input_ids"]) for text in texts]
-    longest = max(range(len(texts)), key=lengths.__getitem__)
+    if lengths is None:
+        lengths = [len(tokenizer(text, add_special_tokens=args.raw)["input_ids"]) for text in texts]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
     if lengths[longest] + args.max_new_tokens > limit[0]:
-        raise ValueError(f"prompt {longest + 1} has {lengths[longest]} tokens; with --max_new_tokens "
+        raise ValueError(f"prompt {first + longest + 1} has {lengths[longest]} tokens; with --max_new_tokens "
                          f"{args.max_new_tokens} that passes the model's {limit[0]} positions ({limit[1]}): "
                          "shorten it or lower --max_new_tokens")
 
@@ -151,22 +172,62 @@ def classify(model, tokenizer, labels: list[str], items: list[dict], batch_size:
     return results
 
 
+def check_images(args: InferArgs) -> list[str]:
+    """The --image files, each checked (missing, not an image) before any model is loaded."""
+    return [check_image(path, Row({}, "--image")) for path in args.image]
+
+
+def image_messages(text: str, number: int, head: list[dict], images: list[str]) -> list[dict]:
+    """The chat of one prompt as content parts, its images placed by its <image> tags (or before its text)."""
+    tags = text.count(IMAGE_TAG)
+    if tags and tags != len(images):
+        raise ValueError(f"prompt {number} has {tags} {IMAGE_TAG} tags but {len(images)} --image files were "
+                         f"given; put one {IMAGE_TAG} tag where each image goes (or none: the images go first)")
+    if images and not tags:
+        text = IMAGE_TAG * len(images) + text
+    messages = [*head, {"role": "user", "content": text}]
+    return to_multimodal(Row({"images": images}, f"prompt {number}"), messages).messages
+
+
 @torch.no_grad()
 def generate(model, tokenizer, items: list[dict], args: InferArgs) -> list[dict]:
+    """Generated completions; with a vision-language model's processor (as `tokenizer`), prompts are rendered
+    with its chat template as content parts, and the --image files go through it too."""
+    processor = tokenizer if hasattr(tokenizer, "image_token_id") else None
+    images = check_images(args)
+    if processor is not None:
+        processor.tokenizer.padding_side = "left"
+        tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     torch.manual_seed(args.seed)
     system = args.system if args.system is not None else trained_system(args.adapter)
     head = [{"role": "system", "content": system}] if system else []
-    texts = [it["text"] if args.raw else
-             render_chat(tokenizer, [*head, {"role": "user", "content": it["text"]}], add_generation_prompt=True)
-             for it in items]
+    if processor is not None:
+        if args.raw and images:
+            raise ValueError("--raw feeds prompts without the chat template, which is what places the images; "
+                             "leave out --raw with --image")
+        parts_head = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in head]
+        texts = [it["text"] if args.raw else
+                 render_chat(processor, image_messages(it["text"], i + 1, parts_head, images),
+                             add_generation_prompt=True) for i, it in enumerate(items)]
+        pictures = [load_image(path) for path in images]
+    else:
+        texts = [it["text"] if args.raw else
+                 render_chat(tokenizer, [*head, {"role": "user", "content": it["text"]}], add_generation_prompt=True)
+                 for it in items]
     check_room(model, tokenizer, texts, args)
     results = []
     for start in range(0, len(items), args.batch_size):
         chunk = items[start:start + args.batch_size]
-        batch = tokenizer(texts[start:start + args.batch_size], padding=True, add_special_tokens=args.raw,
-                          return_tensors="pt").to(device)
+        if processor is not None:  # each prompt's images expand to the model's image tokens here
+            batch = processor(text=texts[start:start + args.batch_size], images=pictures * len(chunk) or None,
+                              padding=True, add_special_tokens=args.raw, return_tensors="pt").to(device)
+            batch = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in batch.items()}
+            check_room(model, tokenizer, [], args, batch["attention_mask"].sum(-1).tolist(), start)
+        else:
+            batch = tokenizer(texts[start:start + args.batch_size], padding=True, add_special_tokens=args.raw,
+                              return_tensors="pt").to(device)
         sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample \
             else {"do_sample": False}
         out = model.generate(**batch, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
@@ -178,6 +239,7 @@ def generate(model, tokenizer, items: list[dict], args: InferArgs) -> list[dict]
 
 def run_infer(args: InferArgs) -> list[dict]:
     items = read_prompts(args)
+    check_images(args)
     if args.output_file:  # before any loading, not after generating
         try:
             open(args.output_file, "a").close()

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 
 from lorakit.serve.batcher import Batcher, InvalidRequest, Job, QueueFull, ShuttingDown
 from lorakit.serve.generate import GenerationRequest
+from lorakit.serve.images import chat_inputs, image_support
 from lorakit.serve.metrics import CONTENT_TYPE, UNKNOWN_MODEL, Metrics
 from lorakit.serve.protocol import (
     APIError,
@@ -48,6 +49,8 @@ class Service:
     allowed_hosts: frozenset[str] = frozenset()  # Host names accepted besides localhost's (see TrustedHosts)
     api_key: str | None = None  # the Bearer token every route but /health needs (None: no authentication)
     adapter_api: bool = False  # whether /v1/load_lora_adapter and /v1/unload_lora_adapter work
+    processor: object | None = None  # a vision-language base's processor: chats go through it (images.py)
+    allow_remote_images: bool = False  # whether image_url parts may be http(s) URLs the server fetches
     metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -116,12 +119,12 @@ def create_app(service: Service) -> FastAPI:
             for name in [service.base_name, *adapters]]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await answer(service, body)
+    async def completions(body: CompletionRequest, request: Request):
+        return await answer(service, body, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        return await answer(service, body)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await answer(service, body, request)
 
     @app.get("/metrics")
     def metrics():
@@ -181,14 +184,14 @@ def load_error(service: Service, err: Exception) -> APIError:
     return APIError(400, f"the adapter could not be loaded: {message}", param="lora_path", code="adapter_load_failed")
 
 
-async def answer(service: Service, body: CompletionRequest | ChatCompletionRequest):
+async def answer(service: Service, body: CompletionRequest | ChatCompletionRequest, http: Request):
     """generate(), counted in the metrics by model and status."""
     model = UNKNOWN_MODEL
     try:
         body.check_supported()
         adapter = service.adapter_for(body.model)
         model = body.model
-        response = await generate(service, body, adapter)
+        response = await generate(service, body, adapter, http)
     except APIError as err:
         service.metrics.request(model, err.status)
         raise
@@ -196,11 +199,12 @@ async def answer(service: Service, body: CompletionRequest | ChatCompletionReque
     return response
 
 
-async def generate(service: Service, body: CompletionRequest | ChatCompletionRequest, adapter: str | None):
+async def generate(service: Service, body: CompletionRequest | ChatCompletionRequest, adapter: str | None,
+                   http: Request):
     """Check the request, queue it, and answer with the whole result or a stream of chunks."""
-    prompt_ids = body.prompt_ids(service.tokenizer)
+    prompt_ids, media = await prompt_inputs(service, body)
     request = GenerationRequest(
-        prompt_ids=prompt_ids, adapter=adapter,
+        prompt_ids=prompt_ids, adapter=adapter, media=media,
         max_new_tokens=check_lengths(service, prompt_ids, body.max_new_tokens, body.PROMPT_FIELD),
         temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's defaults
         top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=body.stop)
@@ -211,10 +215,10 @@ async def generate(service: Service, body: CompletionRequest | ChatCompletionReq
         raise APIError(429, str(err), code="queue_full", type="server_error", headers={"Retry-After": "1"}) from None
     try:
         if not body.stream:
-            result = await next_result(job)
+            result = await next_result(job, http)
             service.metrics.finished(body.model, job, result)
             return reply.whole(result.text, result.finish_reason, result.prompt_tokens, len(result.token_ids))
-        first = await job.events.get()  # wait for it, so that a failure still gets its HTTP status
+        first = await next_event(job, http)  # wait for it, so that a failure still gets its HTTP status
         if first[0] == "error":
             raise as_api_error(first[1])
     except BaseException:
@@ -222,6 +226,26 @@ async def generate(service: Service, body: CompletionRequest | ChatCompletionReq
         raise
     return StreamingResponse(stream_events(service, job, reply, first, body.include_usage),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def prompt_inputs(service: Service,
+                        body: CompletionRequest | ChatCompletionRequest) -> tuple[list[int], dict | None]:
+    """The prompt's token ids, and the prefill's extra inputs (pixel_values, ...) for a chat with images.
+    On a vision-language base, chats are rendered with its processor (as training renders them)."""
+    chat = isinstance(body, ChatCompletionRequest)
+    if chat and body.image_urls:
+        why = image_support(service.batcher.registry.bank.model, service.processor)
+        if why is not None:
+            raise APIError(400, why, param="messages", code="images_not_supported")
+    if chat and service.processor is not None:
+        return await asyncio.to_thread(chat_inputs, service.processor, [m.for_template() for m in body.messages],
+                                       service.allow_remote_images)
+    prompt_ids = body.prompt_ids(service.tokenizer)
+    if service.processor is not None and service.processor.image_token_id in prompt_ids:
+        raise APIError(400, f"the {body.PROMPT_FIELD} holds the image token ({service.processor.image_token!r}); "
+                            "send images as image_url parts of /v1/chat/completions messages",
+                       param=body.PROMPT_FIELD)
+    return prompt_ids, None
 
 
 def check_lengths(service: Service, prompt_ids: list[int], max_tokens: int | None, prompt_field: str) -> int:
@@ -243,14 +267,31 @@ def check_lengths(service: Service, prompt_ids: list[int], max_tokens: int | Non
     return wanted
 
 
-async def next_result(job: Job):
+async def next_result(job: Job, http: Request):
     """The job's GenerationResult, skipping text events; its error as an APIError."""
     while True:
-        kind, value = await job.events.get()
+        kind, value = await next_event(job, http)
         if kind == "done":
             return value
         if kind == "error":
             raise as_api_error(value)
+
+
+DISCONNECT_POLL_S = 0.2  # how often a request waiting for its answer checks that its client is still there
+
+
+async def next_event(job: Job, http: Request) -> tuple:
+    """The job's next event. If the client disconnects first, the job is cancelled (its row leaves the
+    running batch at the next step) and the answer is a 499 that nobody reads (counted in /metrics).
+    A stream's disconnect is Starlette's to notice: it cancels stream_events."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            if await http.is_disconnected():
+                job.cancelled = True
+                raise APIError(499, "the client closed the connection before the answer was ready",
+                               code="client_closed_request") from None
 
 
 async def stream_events(service: Service, job: Job, reply: Reply, event: tuple, include_usage: bool):

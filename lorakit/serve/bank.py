@@ -30,9 +30,11 @@ _KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_ma
 
 
 class _Rows:
-    """Which slot each batch row uses, shared by a bank and its layers (None: the base model alone)."""
+    """Which slot each batch row uses, shared by a bank and its layers (None: the base model alone);
+    `every`: one slot for every row of any batch (a vision tower's batch is images or patches, not requests)."""
 
     slots: torch.Tensor | None = None
+    every: bool = False
 
 
 @dataclass
@@ -77,7 +79,9 @@ class BankLinear(WrapsBase):
         if slots is None:
             return out
         n = x.shape[0]
-        if n != slots.shape[0]:
+        if self.rows.every:
+            slots = slots.expand(n)
+        elif n != slots.shape[0]:
             raise ValueError(f"AdapterBank.rows() named adapters for {slots.shape[0]} rows, "
                              f"but the model got a batch of {n} rows")
         A = self.stacked_A.index_select(0, slots).to(out.dtype)  # each row's adapter: one gather, no loop
@@ -191,11 +195,29 @@ class AdapterBank:
         if any(a is not None for a in adapters):
             device = next(iter(self._layers.values())).stacked_A.device
             slots = torch.tensor([0 if a is None else self._slots[a] for a in adapters], device=device)
-        previous, self._rows.slots = self._rows.slots, slots
+        previous = self._rows.slots, self._rows.every
+        self._rows.slots, self._rows.every = slots, False
         try:
             yield
         finally:
-            self._rows.slots = previous
+            self._rows.slots, self._rows.every = previous
+
+    @contextlib.contextmanager
+    def every_row(self, adapter: str | None):
+        """Within this block, every row of every forward uses `adapter` (None: the base), whatever the batch
+        size: for a vision-language model's image encoder, whose batch holds one request's images."""
+        if adapter is not None and adapter not in self._slots:
+            raise KeyError(f"no adapter named {adapter!r} is loaded; loaded: {self.names}")
+        slots = None
+        if adapter is not None:
+            device = next(iter(self._layers.values())).stacked_A.device
+            slots = torch.tensor([self._slots[adapter]], device=device)
+        previous = self._rows.slots, self._rows.every
+        self._rows.slots, self._rows.every = slots, slots is not None
+        try:
+            yield
+        finally:
+            self._rows.slots, self._rows.every = previous
 
     def _layer(self, path: str) -> BankLinear:
         """The bank layer at `path`, swapping one in (with empty stacks) on first use."""

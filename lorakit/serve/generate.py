@@ -1,20 +1,16 @@
-"""Batched generation over an AdapterBank: each row has its own prompt, adapter, sampling and stops.
+"""The per-token pieces of generation: requests and results, each row's sampling, stop strings and
+detokenising, and the checks a request must pass. lorakit.serve.scheduler runs them in a batch.
 
-Prompts are left-padded into one batch and prefilled at once; then each step decodes one token
-per live row against a KV cache (DynamicCache). A row that finishes leaves the batch and the
-cache, so it costs nothing afterwards. Each row samples from its own torch.Generator, so a
-seeded request gives the same tokens whatever else shares its batch.
+Each row samples from its own torch.Generator, so a seeded request gives the same tokens whatever
+else shares its batch.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from lorakit.io.pretrained import position_limit
-from lorakit.serve.bank import AdapterBank
 
 SEEDS = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes (negative seeds wrap around)
 
@@ -28,6 +24,7 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None  # sampling is reproducible per request given the seed, whatever else is in the batch
     stop: list[str] = field(default_factory=list)
+    media: dict | None = None  # extra model inputs for this request's prefill: an image's pixel_values, ... (images.py)
 
 
 @dataclass
@@ -38,7 +35,7 @@ class GenerationResult:
     prompt_tokens: int
 
 
-class _Row:
+class Row:
     """One request's decoding state: its tokens, its random stream, and the text released so far."""
 
     def __init__(self, index: int, request: GenerationRequest, tokenizer, eos_ids: set[int]):
@@ -104,7 +101,7 @@ def check_request(r: GenerationRequest, model) -> None:
                          f"exceed the model's {limit[0]} positions ({limit[1]})")
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
     """EOS as the tokenizer and the model's generation config (as HF generate) define it."""
     ids = {tokenizer.eos_token_id}
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -112,7 +109,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids - {None}
 
 
-def _next_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+def next_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int]:
     """Greedy for temperature 0; else temperature + top-p (nucleus) sampling, each row drawing
     from its own generator (one uniform number per step, inverse-CDF over the sorted vocabulary)."""
     tokens = logits.argmax(-1)
@@ -130,52 +127,3 @@ def _next_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1)
         tokens[sampled] = order.gather(-1, pick).squeeze(-1)
     return tokens.tolist()
-
-
-@torch.no_grad()
-def generate_batch(bank: AdapterBank, tokenizer, requests: list[GenerationRequest],
-                   on_text: Callable[[int, str], None] | None = None) -> list[GenerationResult]:
-    """Generate for all requests in one batch; results in request order. on_text(i, delta) is called
-    after each token of request i with the text it made final (maybe empty): the deltas of a request
-    concatenate to its result.text."""
-    model = bank.model
-    config = model.config
-    for i, request in enumerate(requests):
-        try:
-            check_request(request, model)
-        except ValueError as err:
-            raise ValueError(f"request {i}: {err}") from None
-    eos_ids = _eos_ids(model, tokenizer)
-    rows = [_Row(i, r, tokenizer, eos_ids) for i, r in enumerate(requests)]
-    if not rows:
-        return []
-    device = next(model.parameters()).device
-    width = max(len(r.prompt_ids) for r in requests)
-    pad = next(t for t in (tokenizer.pad_token_id, *sorted(eos_ids), 0) if t is not None)
-    input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=device)
-    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
-                        device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=config)
-    live = rows
-    while True:
-        with bank.rows([row.request.adapter for row in live]):
-            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                           past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        tokens = _next_tokens(logits, live)
-        for row, token in zip(live, tokens):
-            delta = row.push(token)
-            if on_text is not None:
-                on_text(row.index, delta)
-        keep = [i for i, row in enumerate(live) if row.finish_reason is None]
-        if not keep:
-            break
-        if len(keep) < len(live):  # finished rows leave the batch and the cache
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, positions = mask[index], positions[index]
-            live, tokens = [live[i] for i in keep], [tokens[i] for i in keep]
-        input_ids = torch.tensor(tokens, device=device)[:, None]
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-        positions = positions[:, -1:] + 1
-    return [row.result() for row in rows]

@@ -62,8 +62,9 @@ class _LiveState:
 
     def collect(self):
         registry = self.batcher.registry
-        yield GaugeMetricFamily("lorakit_queue_depth", "Requests waiting for a batch", value=self.batcher.waiting)
-        yield GaugeMetricFamily("lorakit_running_batch_size", "Requests in the batch being generated",
+        yield GaugeMetricFamily("lorakit_queue_depth", "Requests waiting to join the running batch",
+                                value=self.batcher.waiting)
+        yield GaugeMetricFamily("lorakit_running_batch_size", "Rows (requests) in the running batch",
                                 value=self.batcher.running)
         yield GaugeMetricFamily("lorakit_loaded_adapters", "Adapters loaded in the bank", value=len(registry.loaded))
         for kind, text in (("hits", "Batches that found an adapter loaded already"),

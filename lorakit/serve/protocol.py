@@ -119,23 +119,44 @@ class CompletionRequest(RequestBase):
     _prompt_unicode = field_validator("prompt")(unicode_text)
 
 
+def _content_part(part) -> dict:
+    """A content part as {"type": "text", "text"} or {"type": "image_url", "url"}; ValueError otherwise."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return {"type": "text", "text": unicode_text(part["text"])}
+    if kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if isinstance(url, str) and url:
+            return {"type": "image_url", "url": url}
+        raise ValueError("an image_url part must be {'type': 'image_url', 'image_url': {'url': ...}}")
+    raise ValueError("content must be a string or a list of {'type': 'text', 'text': ...} and "
+                     "{'type': 'image_url', 'image_url': {'url': ...}} parts; audio and files are not supported")
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    content: str | list[dict]  # text, or text and image_url parts ({"type": "image_url", "url"}) with an image
 
     @field_validator("content", mode="before")
     @classmethod
     def _text(cls, content):
         if not isinstance(content, list):
             return content
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   for p in content):
-            raise ValueError("content must be a string or a list of {'type': 'text', 'text': ...} parts; "
-                             "images, audio and files are not supported")
-        return "\n".join(p["text"] for p in content)
+        parts = [_content_part(p) for p in content]
+        if all(p["type"] == "text" for p in parts):
+            return "\n".join(p["text"] for p in parts)
+        return parts
 
-    _content_unicode = field_validator("content")(unicode_text)
+    @field_validator("content")
+    @classmethod
+    def _content_unicode(cls, content):
+        return unicode_text(content) if isinstance(content, str) else content
+
+    @property
+    def image_urls(self) -> list[str]:
+        return [p["url"] for p in self.content if p["type"] == "image_url"] if isinstance(self.content, list) else []
 
     def for_template(self) -> dict:
         """The message as chat templates take it ("developer" is OpenAI's new name for "system")."""
@@ -150,6 +171,11 @@ class ChatCompletionRequest(RequestBase):
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def image_urls(self) -> list[str]:
+        """The URLs of the messages' image_url parts, in order."""
+        return [url for m in self.messages for url in m.image_urls]
 
     def prompt_ids(self, tokenizer) -> list[int]:
         """The conversation rendered with the tokenizer's chat template (or lorakit's fallback), tokenized."""

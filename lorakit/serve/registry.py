@@ -69,7 +69,7 @@ class AdapterRegistry:
         self._checked: dict[str, tuple] = {}  # name -> (file stamps, what check() found wrong or None)
         self._skipped: dict[str, str] = {}  # folder -> why names() left it out (logged when it changes)
         self._registered: dict[str, Registered] = {}  # guarded by _lock: the HTTP threads change it
-        self._retired: set[str] = set()  # unregistered names the worker unloads before its next batch
+        self._retired: set[str] = set()  # unregistered names the worker unloads once no row uses them
         self._lock = threading.Lock()
 
     def folder(self, name: str) -> Path:
@@ -174,8 +174,8 @@ class AdapterRegistry:
         log.info("registered adapter %r", name)
 
     def unregister(self, name: str) -> None:
-        """Stop serving a registered name; the worker unloads it from the bank before its next batch,
-        so a running batch that uses it finishes with it. UnknownAdapter if the name is not registered."""
+        """Stop serving a registered name; the worker unloads it from the bank once no running row uses
+        it (rows that use it finish with it). UnknownAdapter if the name is not registered."""
         with self._lock:
             if name not in self._registered:
                 raise UnknownAdapter(f"the adapter {name!r} cannot be found among the adapters loaded by name "
@@ -212,19 +212,21 @@ class AdapterRegistry:
         """Loaded adapters, least recently used first."""
         return list(self._loaded)
 
-    def prepare(self, names: set[str]) -> dict[str, Exception]:
-        """Unload the unregistered adapters, then load every adapter in `names` (evicting others);
-        the ones that failed, with why. Called by the worker between batches."""
-        if len(names) > self.max_loaded:
-            raise ValueError(f"{len(names)} adapters requested at once; at most {self.max_loaded} can be loaded")
+    def prepare(self, names: set[str], busy: set[str] = frozenset()) -> dict[str, Exception]:
+        """Unload the unregistered adapters that no running row uses (`busy`), then load every adapter
+        in `names`, evicting others but never a busy one; the ones that failed, with why. Called by the
+        worker before requests join the running batch."""
+        keep = set(names) | set(busy)
+        if len(keep) > self.max_loaded:
+            raise ValueError(f"{len(keep)} adapters requested at once; at most {self.max_loaded} can be loaded")
         with self._lock:
-            retired, self._retired = self._retired, set()
+            retired, self._retired = self._retired - keep, self._retired & keep  # busy ones go when unused
         for name in retired & set(self._loaded):
             self._unload(name)
         failures = {}
         for name in names:
             try:
-                self._ensure(name, keep=names)
+                self._ensure(name, keep=keep)
             except UnknownAdapter as err:
                 failures[name] = err
             except Exception as err:  # a broken adapter must fail its requests, not the server

@@ -31,11 +31,15 @@ class ServeArgs:
         "The name clients use for the base model without an adapter; default: the last part of --model.")})
     max_loaded_adapters: int = field(default=8, metadata={"help": (
         "Adapters kept loaded at once; the least recently used one is unloaded to make room.")})
-    max_batch_size: int = field(default=16, metadata={"help": "Most requests generated together."})
+    max_batch_size: int = field(default=16, metadata={"help": "Most requests generated together (running rows)."})
     batch_window_ms: float = field(default=10.0, metadata={"help": (
-        "How long the first request of a batch waits for others to join it.")})
+        "How long the first request to an idle server waits for others to join it.")})
     max_queued_requests: int = field(default=1024, metadata={"help": (
-        "Requests that may wait for a batch; more get a 429 with Retry-After.")})
+        "Requests that may wait to join the running batch; more get a 429 with Retry-After.")})
+    scheduling: str = field(default="continuous", metadata={"help": (
+        "continuous: requests join the running batch at the next decode step and leave it when they end; "
+        "static: a batch runs to its end before the next one starts (for comparison)."),
+        "choices": ["continuous", "static"]})
     max_tokens_limit: int = field(default=1024, metadata={"help": "Largest max_tokens a request may ask for."})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body accepted (413 above)."})
     body_timeout_s: float = field(default=30.0, metadata={"help": (
@@ -57,6 +61,9 @@ class ServeArgs:
         "dtype of the base model and the adapter bank: auto (bfloat16 on a GPU or on a CPU with a bf16 matrix "
         "unit, AMX or AVX-512-BF16; else float32), float32, bfloat16 or float16."),
         "choices": ["auto", "float32", "bfloat16", "float16"]})
+    allow_remote_images: bool = field(default=False, metadata={"help": (
+        "Let chat requests on a vision-language base give images as http(s) URLs, which the server then "
+        "fetches; off: only inline data:image/...;base64 URLs (a remote URL gets a 400).")})
     log_level: str = field(default="info", metadata={"help": "uvicorn's log level."})
 
     def __post_init__(self) -> None:
@@ -70,6 +77,8 @@ class ServeArgs:
             raise ValueError(f"--body_timeout_s must be > 0, got {self.body_timeout_s}")
         if not Path(self.adapters).is_dir():
             raise FileNotFoundError(f"--adapters folder not found: {self.adapters}")
+        if self.scheduling not in ("continuous", "static"):
+            raise ValueError(f"--scheduling must be continuous or static, got {self.scheduling!r}")
         if self.quant_bits not in (None, 4):
             raise ValueError(f"--quant_bits must be 4 (NF4) or left out, got {self.quant_bits}")
         if self.api_key is None:
@@ -105,7 +114,14 @@ def parse_serve_args(argv: list[str]) -> ServeArgs:
 
 def build_service(args: ServeArgs):
     """The Service behind the app: base model on the best device, tokenizer, adapter bank and batcher."""
-    from lorakit.io.pretrained import load_model, load_tokenizer, resolve_model_path
+    from lorakit.io.pretrained import (
+        is_vision_language,
+        load_config,
+        load_model,
+        load_processor,
+        load_tokenizer,
+        resolve_model_path,
+    )
     from lorakit.precision import inference_dtype
     from lorakit.serve.app import Service
     from lorakit.serve.bank import AdapterBank
@@ -113,7 +129,8 @@ def build_service(args: ServeArgs):
     from lorakit.serve.registry import AdapterRegistry
 
     path = resolve_model_path(args.model)
-    tokenizer = load_tokenizer(path)
+    processor = load_processor(path) if is_vision_language(load_config(path)) else None  # chats with images
+    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = inference_dtype(args.torch_dtype, device)
     quantize = args.quant_bits == 4 or saved_in_4bit(path)
@@ -122,16 +139,17 @@ def build_service(args: ServeArgs):
                                allow_outside=args.allow_adapter_paths_outside)
     base_name = args.served_model_name or Path(args.model.rstrip("/")).name
     register_lora_modules(registry, args.lora_modules, base_name)
-    config = model.config
+    config = model.config.get_text_config()  # a vision-language model's: its language model's
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return Service(
         batcher=Batcher(registry, tokenizer, args.max_batch_size, args.batch_window_ms / 1000,
-                        args.max_queued_requests),
+                        args.max_queued_requests, static=args.scheduling == "static"),
         tokenizer=tokenizer, base_name=base_name, context_length=context or tokenizer.model_max_length,
         vocab_size=model.get_input_embeddings().num_embeddings,
         max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
         body_timeout_s=args.body_timeout_s, allowed_hosts=frozenset([args.host, *args.allowed_hosts]),
-        api_key=args.api_key, adapter_api=args.enable_adapter_api)
+        api_key=args.api_key, adapter_api=args.enable_adapter_api, processor=processor,
+        allow_remote_images=args.allow_remote_images)
 
 
 def saved_in_4bit(path: str) -> bool:

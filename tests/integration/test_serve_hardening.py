@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from helpers import GOOD_COMPLETION as GOOD
 from helpers import PROMPT, add_misfit_adapter, running_server, serve_folders
-from lorakit.serve.generate import GenerationRequest, _Row
+from lorakit.serve.generate import GenerationRequest, Row
 
 BROKEN = {  # adapter folder -> what is wrong with it
     "broken-config": "not valid JSON",
@@ -93,7 +93,7 @@ def test_stop_strings_are_bounded(server):
 def test_a_long_stop_string_costs_little_per_token(server):
     tokenizer = server[1].tokenizer
     (a,) = tokenizer("a", add_special_tokens=False)["input_ids"]
-    row = _Row(0, GenerationRequest([1], max_new_tokens=100, stop=["ab" * 15_000]), tokenizer, set())
+    row = Row(0, GenerationRequest([1], max_new_tokens=100, stop=["ab" * 15_000]), tokenizer, set())
     start = time.perf_counter()
     released = "".join(row.push(a) for _ in range(30))
     assert time.perf_counter() - start < 0.3

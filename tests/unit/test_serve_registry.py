@@ -122,16 +122,36 @@ def test_a_failed_load_is_reported_per_adapter(adapters):
     assert registry.loaded == ["a"]
 
 
+class FakeRow:
+    """A row that ends with its first token."""
+
+    def __init__(self, request):
+        self.request, self.finish_reason = request, "length"
+
+    def result(self):
+        return GenerationResult([5], "hi", "length", 1)
+
+
+class FakeBatch:
+    """A RunningBatch whose rows end as they join; `joined` records who joined together."""
+
+    def __init__(self, joined: list):
+        self.rows, self.joined = [], joined
+
+    def join(self, requests):
+        self.joined.append([r.adapter for r in requests])
+        return [(FakeRow(r), "hi") for r in requests]
+
+    def leave(self, rows):
+        pass
+
+    def step(self):
+        return []
+
+
 def test_batches_hold_no_more_adapters_than_can_be_loaded(adapters, monkeypatch):
     batches = []
-
-    def fake_generate(bank, tokenizer, requests, on_text):
-        batches.append([r.adapter for r in requests])
-        for i in range(len(requests)):
-            on_text(i, "hi")
-        return [GenerationResult([5], "hi", "length", 1) for _ in requests]
-
-    monkeypatch.setattr(batcher_module, "generate_batch", fake_generate)
+    monkeypatch.setattr(batcher_module, "RunningBatch", lambda *args: FakeBatch(batches))
     monkeypatch.setattr(batcher_module, "check_request", lambda request, model: None)
     batcher = Batcher(AdapterRegistry(FakeBank(), adapters, 2), tokenizer=None, max_batch_size=8, window_s=0.2)
 
@@ -145,13 +165,13 @@ def test_batches_hold_no_more_adapters_than_can_be_loaded(adapters, monkeypatch)
         events = asyncio.run(run())
     finally:
         batcher.stop()
-    assert batches == [["a", None, "b", "a"], ["c", "c"]]
+    assert [b for b in batches if b] == [["a", None, "b", "a"], ["c", "c"]]
     assert events[0][0] == ("text", "hi") and events[0][1][0] == "done"
     assert events[1][0][0] == "done"
     assert events[-1][0][0] == "error" and isinstance(events[-1][0][1], UnknownAdapter)
 
 
-def test_a_bug_fails_its_batch_and_the_worker_goes_on(adapters, monkeypatch):
+def test_a_bug_fails_its_requests_and_the_worker_goes_on(adapters, monkeypatch):
     calls = []
 
     def buggy_check(request, model):
@@ -160,8 +180,7 @@ def test_a_bug_fails_its_batch_and_the_worker_goes_on(adapters, monkeypatch):
             raise RuntimeError("a bug")
 
     monkeypatch.setattr(batcher_module, "check_request", buggy_check)
-    monkeypatch.setattr(batcher_module, "generate_batch",
-                        lambda bank, tokenizer, requests, on_text: [GenerationResult([5], "hi", "length", 1)])
+    monkeypatch.setattr(batcher_module, "RunningBatch", lambda *args: FakeBatch([]))
     batcher = Batcher(AdapterRegistry(FakeBank(), adapters, 2), tokenizer=None, window_s=0)
 
     async def ask():
@@ -173,6 +192,17 @@ def test_a_bug_fails_its_batch_and_the_worker_goes_on(adapters, monkeypatch):
     finally:
         batcher.stop()
     assert first[0] == "error" and str(first[1]) == "a bug" and second[0] == "done"
+
+
+def test_adapters_of_running_rows_are_never_evicted(adapters):
+    bank = FakeBank()
+    registry = AdapterRegistry(bank, adapters, 2)
+    registry.prepare({"a"})
+    registry.prepare({"b"})
+    registry.prepare({"c"}, busy={"a"})  # a is older, but rows run with it: b goes
+    assert registry.loaded == ["a", "c"] and bank.log[-2:] == [("unload", "b"), ("load", "c")]
+    with pytest.raises(ValueError, match="at most 2"):
+        registry.prepare({"b"}, busy={"a", "c"})
 
 
 def test_unreadable_names_are_not_found(adapters):
