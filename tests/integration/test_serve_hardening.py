@@ -177,7 +177,7 @@ def test_host_header_must_name_this_server(server, host, status):
     ({"*"}, "anything.example", True), ({"0.0.0.0"}, "192.168.1.9:8000", True), ({"0.0.0.0"}, "evil.example", False),
     ({"::"}, "[fe80::1]", True), (set(), "localhost", True)])
 def test_allowed_hosts(allowed, host, ok):
-    from lorakit.serve.app import TrustedHosts
+    from lorakit.serve.guards import TrustedHosts
 
     async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
