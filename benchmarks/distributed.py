@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # helpers: the tests' tiny tokenizer and data rows
 # name -> (processes, extra flags, threads per process; None: cores / processes)
 RUNS = {"1 process": (1, [], None), "1 process, 1 thread": (1, [], 1), "2 ranks, DDP": (2, [], None),
         "2 ranks, FSDP2": (2, ["--fsdp"], None)}
@@ -34,7 +35,6 @@ def build_model(folder: Path, layers: int) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(ROOT / "tests"))
     from helpers import save_tiny_causal_lm
 
     save_tiny_causal_lm(folder)
@@ -94,7 +94,6 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--train_types", nargs="+", default=["lora", "full"])
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "tests"))
     from helpers import alpaca_rows, write_jsonl
 
     with tempfile.TemporaryDirectory() as tmp:

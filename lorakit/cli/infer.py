@@ -123,15 +123,16 @@ def load_for_inference(args: InferArgs):
             raise ValueError(f"{adapter}/adapter_config.json names no base model; pass --model")
     else:
         base = args.model if adapter is None else str(adapter)
-    vision = is_vision_language(load_config(resolve_model_path(base)))
+    base_path = resolve_model_path(base)
+    vision = is_vision_language(load_config(base_path))
     if args.image and (task != "causal_lm" or not vision):
         raise ValueError(f"--image needs a vision-language model (a config with a vision_config); {base} is "
                          f"{'a classifier' if task != 'causal_lm' else 'text-only'}")
     saved = "processor_config.json" if vision else "tokenizer_config.json"
-    folder = str(adapter) if adapter and (adapter / saved).is_file() else resolve_model_path(base)
+    folder = str(adapter) if adapter and (adapter / saved).is_file() else base_path
     tokenizer = load_processor(folder) if vision and task == "causal_lm" else load_tokenizer(folder)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(resolve_model_path(base), task, labels, inference_dtype(args.torch_dtype, device))
+    model = load_model(base_path, task, labels, inference_dtype(args.torch_dtype, device))
     if is_peft:
         model = PeftModel.from_pretrained(model, str(adapter))
     return model.to(device).eval(), tokenizer, labels
@@ -190,11 +191,11 @@ def image_messages(text: str, number: int, head: list[dict], images: list[str]) 
 
 
 @torch.no_grad()
-def generate(model, tokenizer, items: list[dict], args: InferArgs) -> list[dict]:
+def generate(model, tokenizer, items: list[dict], args: InferArgs, images: list[str]) -> list[dict]:
     """Generated completions; with a vision-language model's processor (as `tokenizer`), prompts are rendered
-    with its chat template as content parts, and the --image files go through it too."""
+    with its chat template as content parts, and the --image files (`images`, as check_images gave them) go
+    through it too."""
     processor = tokenizer if hasattr(tokenizer, "image_token_id") else None
-    images = check_images(args)
     if processor is not None:
         processor.tokenizer.padding_side = "left"
         tokenizer = processor.tokenizer
@@ -239,7 +240,7 @@ def generate(model, tokenizer, items: list[dict], args: InferArgs) -> list[dict]
 
 def run_infer(args: InferArgs) -> list[dict]:
     items = read_prompts(args)
-    check_images(args)
+    images = check_images(args)
     if args.output_file:  # before any loading, not after generating
         try:
             open(args.output_file, "a").close()
@@ -247,7 +248,7 @@ def run_infer(args: InferArgs) -> list[dict]:
             raise ValueError(f"--output_file {args.output_file} cannot be written: {err.strerror}") from None
     model, tokenizer, labels = load_for_inference(args)
     results = (classify(model, tokenizer, labels, items, args.batch_size) if labels
-               else generate(model, tokenizer, items, args))
+               else generate(model, tokenizer, items, args, images))
     for result in results:
         if labels:
             print(f"{result['predicted']}\t{result['score']:.3f}\t{result['text']}")

@@ -221,7 +221,7 @@ def _read_bin(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {os.fspath(directory)!r}")
 
 
-def _normalise_key(key: str) -> str:
+def normalise_key(key: str) -> str:
     """Older PEFT files store DoRA's magnitude as `lora_magnitude_vector.weight`."""
     return key[: -len(".weight")] if key.endswith("lora_magnitude_vector.weight") else key
 
@@ -232,7 +232,7 @@ def load_adapter_weights(lora_model: LoraModel, adapter_name: str, tensors: dict
     saved = adapter_slots(lora_model, adapter_name)
     slots = {**loadable_extras(lora_model, adapter_name), **saved}
     # what lorakit itself saves goes last, so it wins where PEFT wrote a tensor twice
-    tensors = dict(sorted(((_normalise_key(k), v) for k, v in tensors.items()), key=lambda kv: kv[0] in saved))
+    tensors = dict(sorted(((normalise_key(k), v) for k, v in tensors.items()), key=lambda kv: kv[0] in saved))
     unexpected = sorted(set(tensors) - set(slots))
     missing = sorted(k for k in set(saved) - set(tensors) if not k.endswith("bias") and ".base_layer." not in k)
     if unexpected or missing:

@@ -102,7 +102,6 @@ def _no_match_message(model: nn.Module, problem: str, unknown: list[str]) -> str
             "that fully matches module paths)." + (" " + "; ".join(hints) if hints else ""))
 
 
-
 VLM_PART_NAMES = ("vit", "aligner", "llm")
 
 

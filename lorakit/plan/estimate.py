@@ -346,7 +346,8 @@ def estimate(shape: Shape, recipe: Recipe) -> Plan:
     else:
         blocks, recompute = shape.layers * per_block, 0
     loss = loss_terms(shape, recipe, d)
-    kept = blocks + other_kept(shape, recipe, d) + loss["kept"]
+    other = other_kept(shape, recipe, d)
+    kept = blocks + other + loss["kept"]
     static = w["frozen"] + w["frozen_4bit"] + w["trainable"] + (0 if paged else states)
     earlier = grads if recipe.accumulation > 1 else 0  # gradients of earlier micro-batches
     head_grad = 4 * shape.vocab * shape.hidden if not recipe.lora and fused_head(shape, recipe) else 0
@@ -356,12 +357,12 @@ def estimate(shape: Shape, recipe: Recipe) -> Plan:
         "forward (loss)": static + max(earlier, head_grad) + kept - loss["kept"] + loss["forward"],
         "backward start": static + max(earlier, head_grad) + kept + max(loss["backward"], recompute + transient),
         # the first block's backward: (nearly) every gradient made, that block's activations still held
-        "backward end": static + grads + other_kept(shape, recipe, d) + first_block + transient,
+        "backward end": static + grads + other + first_block + transient,
         "optimizer step": static + grads + optimizer_temporaries(tensors, recipe.optim),
     }
     parts = {"frozen weights": w["frozen"], "frozen weights (4-bit)": w["frozen_4bit"],
              "trainable weights": w["trainable"], "gradients": grads, "optimizer states": states,
-             "activations (blocks)": blocks, "activations (other)": other_kept(shape, recipe, d),
+             "activations (blocks)": blocks, "activations (other)": other,
              "loss buffers": loss["kept"], "activation recompute": recompute}
     notes = ["paged optimiser states can move to host memory under pressure; not counted in the peak"] if paged else []
     return Plan(parts, timeline, notes)

@@ -185,9 +185,18 @@ class AdapterBank:
         for layer in self._layers.values():
             layer.clear_slot(slot)
 
-    @contextlib.contextmanager
     def rows(self, adapters: list[str | None]):
         """Within this block, each forward of self.model uses adapters[i] for batch row i (None: base)."""
+        return self._use(adapters, every=False)
+
+    def every_row(self, adapter: str | None):
+        """Within this block, every row of every forward uses `adapter` (None: the base), whatever the batch
+        size: for a vision-language model's image encoder, whose batch holds one request's images."""
+        return self._use([adapter], every=True)
+
+    @contextlib.contextmanager
+    def _use(self, adapters: list[str | None], every: bool):
+        """The slots of `adapters` set on the layers for this block (`every`: one adapter for all rows)."""
         unknown = [a for a in adapters if a is not None and a not in self._slots]
         if unknown:
             raise KeyError(f"no adapter named {unknown[0]!r} is loaded; loaded: {self.names}")
@@ -196,24 +205,7 @@ class AdapterBank:
             device = next(iter(self._layers.values())).stacked_A.device
             slots = torch.tensor([0 if a is None else self._slots[a] for a in adapters], device=device)
         previous = self._rows.slots, self._rows.every
-        self._rows.slots, self._rows.every = slots, False
-        try:
-            yield
-        finally:
-            self._rows.slots, self._rows.every = previous
-
-    @contextlib.contextmanager
-    def every_row(self, adapter: str | None):
-        """Within this block, every row of every forward uses `adapter` (None: the base), whatever the batch
-        size: for a vision-language model's image encoder, whose batch holds one request's images."""
-        if adapter is not None and adapter not in self._slots:
-            raise KeyError(f"no adapter named {adapter!r} is loaded; loaded: {self.names}")
-        slots = None
-        if adapter is not None:
-            device = next(iter(self._layers.values())).stacked_A.device
-            slots = torch.tensor([self._slots[adapter]], device=device)
-        previous = self._rows.slots, self._rows.every
-        self._rows.slots, self._rows.every = slots, slots is not None
+        self._rows.slots, self._rows.every = slots, every and slots is not None
         try:
             yield
         finally:

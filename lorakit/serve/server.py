@@ -120,6 +120,7 @@ def build_service(args: ServeArgs):
         load_model,
         load_processor,
         load_tokenizer,
+        position_limit,
         resolve_model_path,
     )
     from lorakit.precision import inference_dtype
@@ -139,12 +140,11 @@ def build_service(args: ServeArgs):
                                allow_outside=args.allow_adapter_paths_outside)
     base_name = args.served_model_name or Path(args.model.rstrip("/")).name
     register_lora_modules(registry, args.lora_modules, base_name)
-    config = model.config.get_text_config()  # a vision-language model's: its language model's
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limit = position_limit(model.config)  # a vision-language model's: its language model's
     return Service(
         batcher=Batcher(registry, tokenizer, args.max_batch_size, args.batch_window_ms / 1000,
                         args.max_queued_requests, static=args.scheduling == "static"),
-        tokenizer=tokenizer, base_name=base_name, context_length=context or tokenizer.model_max_length,
+        tokenizer=tokenizer, base_name=base_name, context_length=limit[0] if limit else tokenizer.model_max_length,
         vocab_size=model.get_input_embeddings().num_embeddings,
         max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
         body_timeout_s=args.body_timeout_s, allowed_hosts=frozenset([args.host, *args.allowed_hosts]),

@@ -8,13 +8,12 @@ from pathlib import Path
 import torch
 
 from lorakit.config import CONFIG_NAME, LoraConfig
-from lorakit.model.adapter_files import PREFIX, WEIGHTS_NAME, read_adapter_file
+from lorakit.model.adapter_files import PREFIX, WEIGHTS_NAME, normalise_key, read_adapter_file
 from lorakit.model.targeting import pattern_value
 
 # The tensors of one LoRA module, by their name after the module path (PEFT's keys).
 FACTOR_NAMES = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
                 "lora_magnitude_vector": "magnitude"}
-LEGACY_MAGNITUDE = "lora_magnitude_vector.weight"  # older PEFT files
 
 
 @dataclass
@@ -87,7 +86,7 @@ def adapter_from(folder: Path, config: LoraConfig, state: dict[str, torch.Tensor
     for key, tensor in state.items():
         if not key.startswith(PREFIX):
             raise ValueError(f"{folder / WEIGHTS_NAME}: tensor {key} does not start with {PREFIX!r} as PEFT's keys do")
-        path, suffix = _split(key[len(PREFIX):])
+        path, suffix = _split(normalise_key(key)[len(PREFIX):])
         if suffix is None:
             extras[key] = tensor
         else:
@@ -107,8 +106,6 @@ def adapter_from(folder: Path, config: LoraConfig, state: dict[str, torch.Tensor
 
 def _split(name: str) -> tuple[str, str | None]:
     """(module path, factor suffix) of a key without PEFT's prefix; suffix None for a non-LoRA tensor."""
-    if name.endswith(f".{LEGACY_MAGNITUDE}"):
-        return name[: -len(LEGACY_MAGNITUDE) - 1], "lora_magnitude_vector"
     for suffix in FACTOR_NAMES:
         if name.endswith(f".{suffix}"):
             return name[: -len(suffix) - 1], suffix

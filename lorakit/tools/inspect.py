@@ -23,6 +23,7 @@ def inspect_adapter(adapter_dir: str | os.PathLike, base: str | None = None) -> 
     if base is not None:
         compare_with_base(adapter, base, modules)
     tensors = adapter.state_dict().values()
+    weights_file = Path(adapter_dir) / WEIGHTS_NAME
     report = {
         "adapter": str(adapter_dir), "method": adapter.method, "base_model": base or config.base_model_name_or_path,
         "r": config.r, "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora, "use_dora": config.use_dora,
@@ -30,8 +31,7 @@ def inspect_adapter(adapter_dir: str | os.PathLike, base: str | None = None) -> 
         "target_modules": config.target_modules, "modules_to_save": config.modules_to_save, "bias": config.bias,
         "task_type": config.task_type, "effective_rank_definition": EFFECTIVE_RANK,
         "parameters": sum(t.numel() for t in tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors),
-        "file_bytes": (Path(adapter_dir) / WEIGHTS_NAME).stat().st_size if (Path(adapter_dir) / WEIGHTS_NAME).is_file()
-        else None,
+        "file_bytes": weights_file.stat().st_size if weights_file.is_file() else None,
         "modules": modules,
     }
     report["warnings"] = warnings(report, base)

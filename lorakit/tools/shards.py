@@ -30,21 +30,17 @@ class Checkpoint:
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.files = checkpoint_files(self.folder)
-        self.file_of: dict[str, Path] = {}
-        for file in self.files:
-            with safe_open(str(file), framework="pt") as reader:
-                self.file_of.update(dict.fromkeys(reader.keys(), file))
+        self.readers = {file: safe_open(str(file), framework="pt") for file in self.files}  # each opened once
+        self.file_of: dict[str, Path] = {key: file for file, reader in self.readers.items() for key in reader.keys()}
 
     def tensor(self, key: str) -> torch.Tensor:
-        with safe_open(str(self.file_of[key]), framework="pt") as reader:
-            return reader.get_tensor(key)
+        return self.readers[self.file_of[key]].get_tensor(key)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(key, tensor) for every tensor, file by file, in each file's order."""
-        for file in self.files:
-            with safe_open(str(file), framework="pt") as reader:
-                for key in reader.keys():
-                    yield key, reader.get_tensor(key)
+        for reader in self.readers.values():
+            for key in reader.keys():
+                yield key, reader.get_tensor(key)
 
 
 def parse_size(size: str | int) -> int:

@@ -84,11 +84,16 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, sc
     if isinstance(model, PeftModel):
         model.save_pretrained(str(tmp))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _write_run_state(tmp, step, scheduler, rng_states, trainer_state)
+    _publish(tmp, final)
+    return final
+
+
+def _write_run_state(tmp: Path, step: int, scheduler, rng_states: list[dict], trainer_state: dict) -> None:
+    """The files every checkpoint has, whole or sharded: schedule, random states and trainer_state.json."""
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_states, tmp / "rng_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "global_step": step}, indent=2))
-    _publish(tmp, final)
-    return final
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -129,9 +134,7 @@ def save_sharded_checkpoint(output_dir: Path, step: int, model: nn.Module, engin
         if ctx.is_main and isinstance(model, PeftModel):
             model.save_pretrained(str(tmp))
     if ctx.is_main:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_states, tmp / "rng_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "global_step": step}, indent=2))
+        _write_run_state(tmp, step, scheduler, rng_states, trainer_state)
     distributed.barrier(ctx)
     if ctx.is_main:
         _publish(tmp, final)

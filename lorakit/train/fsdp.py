@@ -15,9 +15,6 @@ from torch import nn
 
 from lorakit.model.peft_model import PeftModel
 
-# --fsdp words accepted (transformers' and ms-swift's spellings); lorakit always shards fully, block by block.
-OPTIONS = ("full_shard", "auto_wrap")
-
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks, found by the class names transformers lists in `_no_split_modules`

@@ -144,8 +144,8 @@ class Run:
     model_path: str = ""  # the local folder the model was loaded from (for the memory plan)
     engine: torch.nn.Module | None = None  # runs the step: the model and its loss, in DDP or FSDP (distributed.wrap)
 
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
+    @functools.cached_property
+    def params(self) -> list[torch.nn.Parameter]:  # fixed once set up: not rebuilt every step
         return [p for p in self.model.parameters() if p.requires_grad]
 
     @property

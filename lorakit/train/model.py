@@ -49,11 +49,11 @@ def prepare_model(model: nn.Module, args: TrainArgs, task: str) -> nn.Module:
 def frozen_parts(model: nn.Module, args: TrainArgs) -> set[str]:
     """The parts of a vision-language model the freeze flags leave untrained; refuses flags that cannot apply."""
     frozen = {part for part in VLM_PART_NAMES if getattr(args, f"freeze_{part}")}
-    model_type = getattr(model.config, "model_type", None)
-    if getattr(model.config, "vision_config", None) is not None and vlm_parts(model) is None:
+    model_type, parts = getattr(model.config, "model_type", None), vlm_parts(model)
+    if getattr(model.config, "vision_config", None) is not None and parts is None:
         raise ValueError(f"lorakit does not know the parts (vision tower, projector, language model) of "
                          f"model_type {model_type!r}; known: LLaVA and Qwen2-VL families (lorakit.families.VLM_PARTS)")
-    if vlm_parts(model) is None and (args.freeze_llm or not args.freeze_vit or not args.freeze_aligner):
+    if parts is None and (args.freeze_llm or not args.freeze_vit or not args.freeze_aligner):
         raise ValueError(f"--freeze_llm / --freeze_vit / --freeze_aligner choose parts of a vision-language model; "
                          f"{model_type!r} is text-only")
     return frozen
