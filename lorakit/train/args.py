@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from lorakit.io.pretrained import DEFAULT_MODEL
 from lorakit.precision import cpu_matrix_unit
@@ -119,8 +120,9 @@ class TrainArgs:
     # --- optimisation ------------------------------------------------------------------
     num_train_epochs: float = field(default=3.0, metadata=_help("Epochs (ignored with --max_steps)."))
     max_steps: int = field(default=-1, metadata=_help("Optimiser steps; -1 = from epochs."))
-    learning_rate: Optional[float] = field(default=None, metadata=_help(
-        "Peak learning rate. Default: 1e-4 for LoRA SFT, 1e-3 for LoRA classification, "
+    learning_rate: Union[float, str, None] = field(default=None, metadata=_help(
+        "Peak learning rate, or auto: a short learning-rate range test on the first batches picks it "
+        "(docs/training.md). Default: 1e-4 for LoRA SFT, 1e-3 for LoRA classification, "
         "1e-5 / 5e-5 for full fine-tuning (SFT / classification)."))
     loraplus_lr_ratio: Optional[float] = field(default=None, metadata=_help(
         "LoRA+: lora_B learns at learning_rate times this ratio (e.g. 16).", alias="lorap_lr_ratio"))
@@ -169,6 +171,7 @@ class TrainArgs:
 
     def __post_init__(self) -> None:
         problems = []
+        self.learning_rate = _learning_rate(self.learning_rate, problems)
         if self.lora_rank < 1:
             problems.append(f"--lora_rank must be >= 1, got {self.lora_rank}")
         if not 0 <= self.lora_dropout < 1:
@@ -222,6 +225,20 @@ def _fsdp_option(value, problems: list[str]) -> str | None:
                         "not implemented)")
         return None
     return "full_shard"
+
+
+def _learning_rate(value, problems: list[str]) -> float | str | None:
+    """--learning_rate as given on the command line or in YAML (strings): a positive number, auto or unset."""
+    if value is None or value == "auto":
+        return value
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = math.nan
+    if not rate > 0 or math.isinf(rate):
+        problems.append(f"--learning_rate takes a positive number or auto, got {value!r}")
+        return None
+    return rate
 
 
 def _raise(message: str):

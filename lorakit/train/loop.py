@@ -25,7 +25,7 @@ from lorakit.data.encode import Encoded, collate, loss_units
 from lorakit.io import files
 from lorakit.io.pretrained import load_model, load_tokenizer, resolve_model_path
 from lorakit.memory.loss import IGNORE_INDEX
-from lorakit.train import checkpoints, distributed, fsdp, peak
+from lorakit.train import checkpoints, distributed, fsdp, lr_range, peak
 from lorakit.train.args import TrainArgs
 from lorakit.train.loss import batch_loss_sum
 from lorakit.train.metrics import METRICS_FILE, MetricsLog, append_event, plot_loss_curve
@@ -130,13 +130,13 @@ class Run:
     data: PreparedData
     tokenizer: object
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
     bf16: bool
     run_id: str
     trajectory: dict
     steps_per_epoch: int
     total_steps: int
+    optimizer: torch.optim.Optimizer | None = None  # built once the learning rate is known
+    scheduler: object = None
     step: int = 0
     history: dict = field(default_factory=dict)
     own_checkpoints: set = field(default_factory=set)
@@ -192,6 +192,8 @@ def setup(args: TrainArgs, ctx: distributed.Dist) -> Run:
     say(describe_data(data, args))
     bf16 = args.bf16 if args.bf16 is not None else precision.fast_bf16(ctx.device)
     say(f"precision: {'bf16 autocast, fp32 adapters' if bf16 else 'fp32'} on {precision.describe(ctx.device)}")
+    if args.learning_rate == "auto" and args.resume:  # the rate the run picked, not a new test
+        args = dataclasses.replace(args, learning_rate=lr_range.saved_rate(args.resume, out))
     trajectory = run_trajectory(args, data, ctx.world, bf16)
     resume_from, run_id = resume_point(args, out, trajectory)
     model = build_model(args, ctx, model_path, data, bf16)
@@ -202,9 +204,12 @@ def setup(args: TrainArgs, ctx: distributed.Dist) -> Run:
     steps_per_epoch = math.ceil(len(data.train) / (args.per_device_train_batch_size * ctx.world
                                                    * args.gradient_accumulation_steps))
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    optimizer = build_optimizer(model, args)
-    run = Run(args, ctx, out, data, tokenizer, model, optimizer, build_scheduler(optimizer, args, total_steps),
-              bf16, run_id, trajectory, steps_per_epoch, total_steps, model_path=model_path, engine=engine)
+    run = Run(args, ctx, out, data, tokenizer, model, bf16, run_id, trajectory, steps_per_epoch, total_steps,
+              model_path=model_path, engine=engine)
+    if args.learning_rate == "auto":
+        choose_learning_rate(run)
+    run.optimizer = build_optimizer(model, run.args)
+    run.scheduler = build_scheduler(run.optimizer, run.args, total_steps)
     if resume_from:
         restore(run, resume_from)
     return run
@@ -289,26 +294,49 @@ def save(run: Run, rng: dict) -> Path | None:
     return path
 
 
-def train_step(run: Run) -> tuple[float, float, float, list[int]]:
-    """One optimiser step over the next global batch: (loss, grad norm, learning rate, example indices).
-    A non-finite loss stops the run before anything is applied."""
-    args, params = run.args, run.params
-    indices = global_batch(len(run.data.train), run.step, run.steps_per_epoch, run.global_size, args.seed)
+def apply_step(run: Run, step: int, optimizer: torch.optim.Optimizer) -> tuple[float, float, list[int]]:
+    """Forward, backward and `optimizer` over the step-th global batch: (loss, grad norm, example indices).
+    A non-finite loss is returned with nothing applied."""
+    args = run.args
+    indices = global_batch(len(run.data.train), step, run.steps_per_epoch, run.global_size, args.seed)
     loss = accumulate_gradients(run.engine, [run.data.train[i] for i in indices], args,
                                 run.tokenizer.pad_token_id, run.ctx, run.bf16)
     loss = distributed.sum_across([loss], run.ctx)[0]
+    grad_norm = float("nan")
+    if math.isfinite(loss):
+        if args.max_grad_norm > 0:
+            grad_norm = distributed.clip_grad_norm(run.params, args.max_grad_norm)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, indices
+
+
+def train_step(run: Run) -> tuple[float, float, float, list[int]]:
+    """One optimiser step over the next global batch: (loss, grad norm, learning rate, example indices).
+    A non-finite loss stops the run before anything is applied."""
+    lr = run.scheduler.get_last_lr()[0]
+    loss, grad_norm, indices = apply_step(run, run.step, run.optimizer)
     if not math.isfinite(loss):
         raise TrainingDiverged(
             f"loss became {loss} at step {run.step + 1}; that step was not applied. Last good "
             f"checkpoint: {run.last_checkpoint or 'none saved yet'}. Lower --learning_rate and "
             "resume from it with --resume.")
-    grad_norm = distributed.clip_grad_norm(params, args.max_grad_norm) if args.max_grad_norm > 0 else float("nan")
-    lr = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
     run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     return loss, grad_norm, lr, indices
+
+
+def choose_learning_rate(run: Run) -> None:
+    """--learning_rate auto: a range test on the run's first batches sets run.args.learning_rate."""
+    test = lr_range.run_range_test(run, lambda r, step, optimizer: apply_step(r, step, optimizer)[0],
+                                   lr_range.test_steps(run.total_steps))
+    run.args = dataclasses.replace(run.args, learning_rate=test.picked)
+    run.trajectory = run_trajectory(run.args, run.data, run.ctx.world, run.bf16)
+    if run.ctx.is_main:
+        lr_range.save(test, run.out)
+        run.say(f"learning rate range test ({len(test.rates)} steps, {run.out / 'lr_range_test.png'}):\n"
+                f"{lr_range.ascii_plot(test)}\nlearning rate: {test.picked:.2e} (the loss's minimum at "
+                f"{test.picked * lr_range.DIVISOR:.2e}, / {lr_range.DIVISOR:g})")
 
 
 def train_steps(run: Run, log: MetricsLog | None, timer: float) -> None:

@@ -1,0 +1,264 @@
+"""Which `lorakit train` defaults win? A seeded sweep of LoRA recipes on three classification tasks.
+
+Every run trains the real pretrained all-MiniLM-L6-v2 through `lorakit.train.loop.train` with one
+recipe (a set of `lorakit train` flags over lorakit's defaults) on one task and seed, then scores the
+trained model on the task's validation rows (used to choose) and its test rows (never used to choose).
+
+Tasks, each split once with a fixed seed (../shared/data, beside the checkout; the split files are
+written under --work):
+  sst2             GLUE SST-2 train rows: 8,000 train / 1,000 val / 2,000 test, 1 epoch
+  support_intents  lorakit's built-in 8-intent dataset: 280 train / 60 val / 60 test, 3 epochs
+  alpaca_input     does an Alpaca-GPT4 instruction come with an input? (alpaca_gpt4_en_demo: 999 rows,
+                   label = input is non-empty; 41% yes): 700 train / 150 val / 149 test, 3 epochs
+All at --max_length 64 (the budget, not part of a recipe).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recipe_sweep.py --groups lr,rank --seeds 0,1 --jobs 2
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recipe_sweep.py --report     # the table from stored runs
+
+Runs are appended to --results (JSONL) as they finish; a run already stored is not run again, so
+an interrupted sweep continues where it stopped and a wider one reuses the narrower one's runs.
+--jobs N runs N trainings at once, each in its own process on --threads threads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[1] / "shared" / "data"
+TASKS = {  # name: (train, val, test rows; epochs)
+    "sst2": (8000, 1000, 2000, 1.0),
+    "support_intents": (280, 60, 60, 3.0),
+    "alpaca_input": (700, 150, 149, 3.0),
+}
+MAX_LENGTH = 64
+SPLIT_SEED = 1234
+
+# Recipes: flags over lorakit's defaults ({} = the defaults as they are). Each group varies one thing.
+GROUPS = {
+    "defaults": [{}],
+    "lr": [{"learning_rate": lr} for lr in (2e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3)],
+    "rank": [{"lora_rank": r} for r in (4, 16, 64)],
+    "alpha": [{"lora_alpha": a} for a in (8, 16, 64)],
+    "rslora": [{"use_rslora": True}],
+    "batch": [{"per_device_train_batch_size": b} for b in (4, 16, 32)],
+    "warmup": [{"warmup_ratio": w} for w in (0.0, 0.1)],
+    "schedule": [{"lr_scheduler_type": s} for s in ("linear", "constant")],
+    "dropout": [{"lora_dropout": d} for d in (0.0, 0.1)],
+    "targets": [{"target_modules": ["query", "value"]}],
+    "loraplus": [{"loraplus_lr_ratio": k} for k in (4.0, 16.0)],
+    "full": [{"train_type": "full", "learning_rate": lr} for lr in (None, 2e-5, 1e-4, 2e-4)],
+    "methods": [{"train_type": t} for t in ("dora", "qlora")],
+    "auto": [{"learning_rate": "auto"}, {"train_type": "full", "learning_rate": "auto"}],
+}
+
+
+def key(task: str, recipe: dict, seed: int) -> str:
+    return json.dumps([task, {k: v for k, v in sorted(recipe.items()) if v is not None}, seed])
+
+
+def label_recipe(recipe: dict) -> str:
+    shown = {k: v for k, v in recipe.items() if v is not None}
+    return " ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in shown.items()) or "defaults"
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+
+def task_rows(task: str) -> list[dict]:
+    if task == "sst2":
+        path = SHARED / "sst2" / "train.jsonl"
+        return [{"text": r["text"], "label": ["negative", "positive"][int(r["label"])]} for r in read_jsonl(path)]
+    if task == "support_intents":
+        from lorakit.data.loading import resolve_builtin
+
+        return read_jsonl(Path(resolve_builtin("builtin:support_intents")))
+    if task == "alpaca_input":
+        path = SHARED / "alpaca_gpt4_en_demo" / "data.jsonl"
+        return [{"text": r["instruction"], "label": "with_input" if r["input"].strip() else "no_input"}
+                for r in read_jsonl(path)]
+    raise ValueError(f"unknown task {task!r}; accepted: {list(TASKS)}")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        sys.exit(f"{path} not found: the sweep reads ../shared/data beside the checkout")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def split_files(task: str, work: Path) -> dict[str, Path]:
+    """train/val/test JSONL files of one task, written once (seeded shuffle, then consecutive slices)."""
+    folder = work / "data" / task
+    files = {split: folder / f"{split}.jsonl" for split in ("train", "val", "test")}
+    if all(f.is_file() for f in files.values()):
+        return files
+    rows = task_rows(task)
+    random.Random(SPLIT_SEED).shuffle(rows)
+    sizes = TASKS[task][:3]
+    if sum(sizes) > len(rows):
+        sys.exit(f"{task}: {sum(sizes)} rows asked for, {len(rows)} available")
+    folder.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for path, size in zip(files.values(), sizes):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows[start:start + size]))
+        start += size
+    return files
+
+
+# ---- one run (in its own process) ---------------------------------------------------------------------
+
+def run_one(task: str, recipe: dict, seed: int, work: Path) -> dict:
+    from lorakit.train.args import TrainArgs
+    from lorakit.train.loop import train
+
+    files = split_files(task, work)
+    out = Path(tempfile.mkdtemp(prefix=f"sweep_{task}_", dir=work))
+    try:
+        args = TrainArgs(model="all-MiniLM-L6-v2", dataset=[str(files["train"])], val_dataset=[str(files["val"])],
+                         num_train_epochs=TASKS[task][3], max_length=MAX_LENGTH, seed=seed, output_dir=str(out),
+                         report_to=["none"], save_total_limit=1, **recipe)
+        start = time.perf_counter()
+        result = train(args)
+        wall = time.perf_counter() - start
+        return {"val_accuracy": result["eval_accuracy"], "test_accuracy": test_accuracy(out, files["test"]),
+                "wall_s": round(wall, 1), "train_runtime_s": result["train_runtime_s"],
+                "steps": result["global_step"], "learning_rate": resolved_lr(out)}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def resolved_lr(out: Path):
+    import yaml
+
+    return yaml.safe_load((out / "run_config.yaml").read_text()).get("learning_rate")
+
+
+def test_accuracy(out: Path, test_file: Path) -> float:
+    """Accuracy of the trained adapter (or model) in `out` on the test rows, at the training max_length."""
+    import torch
+
+    from lorakit.cli.infer import InferArgs, load_for_inference
+
+    model, tokenizer, labels = load_for_inference(InferArgs(adapter=str(out)))
+    rows = read_jsonl(test_file)
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(rows), 64):
+            chunk = rows[start:start + 64]
+            batch = tokenizer([r["text"] for r in chunk], padding=True, truncation=True, max_length=MAX_LENGTH,
+                              return_tensors="pt")
+            predicted = model(**batch).logits.argmax(-1).tolist()
+            correct += sum(labels[p] == r["label"] for p, r in zip(predicted, chunk))
+    return correct / len(rows)
+
+
+# ---- the sweep ----------------------------------------------------------------------------------------
+
+def stored(results: Path) -> dict[str, dict]:
+    if not results.is_file():
+        return {}
+    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    return {r["key"]: r for r in records}
+
+
+def launch(task: str, recipe: dict, seed: int, args) -> dict:
+    """One run in a fresh process (its own threads and memory); returns its record."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    spec = json.dumps({"task": task, "recipe": recipe, "seed": seed, "work": str(args.work)})
+    proc = subprocess.run([sys.executable, __file__, "--one", spec], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def sweep(args) -> None:
+    done = stored(args.results)
+    plan = [(task, recipe, seed) for group in args.groups for recipe in GROUPS[group]
+            for task in args.tasks for seed in args.seeds]
+    plan = list({key(*p): p for p in plan if key(*p) not in done}.values())
+    print(f"{len(plan)} runs to do ({len(done)} stored in {args.results})", flush=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    for task in args.tasks:
+        split_files(task, args.work)
+
+    def one(item):
+        task, recipe, seed = item
+        record = {"key": key(task, recipe, seed), "task": task, "recipe": recipe, "seed": seed,
+                  **launch(task, recipe, seed, args)}
+        with open(args.results, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"{task:16s} seed {seed} {label_recipe(recipe):50s} "
+              + (f"val {record['val_accuracy']:.4f} test {record['test_accuracy']:.4f} {record['wall_s']:.0f} s"
+                 if "error" not in record else f"FAILED: {record['error']}"), flush=True)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(one, plan))
+
+
+def mean_se(values: list[float]) -> str:
+    if not values:
+        return "-"
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return f"{100 * statistics.mean(values):.1f} ± {100 * se:.1f}" if len(values) > 1 else f"{100 * values[0]:.1f}"
+
+
+def report(args) -> str:
+    records = [r for r in stored(args.results).values() if "error" not in r]
+    recipes = {}
+    for r in records:
+        recipes.setdefault(json.dumps({k: v for k, v in sorted(r["recipe"].items()) if v is not None}), []).append(r)
+    tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
+    head = "| recipe | " + " | ".join(f"{t} val | {t} test | {t} s" for t in tasks) + " |"
+    lines = [head, "|" + "---|" * (1 + 3 * len(tasks))]
+    for recipe, runs in recipes.items():
+        cells = []
+        for t in tasks:
+            mine = [r for r in runs if r["task"] == t]
+            cells += [mean_se([r["val_accuracy"] for r in mine]), mean_se([r["test_accuracy"] for r in mine]),
+                      f"{statistics.mean(r['wall_s'] for r in mine):.0f}" if mine else "-"]
+        n = max(len([r for r in runs if r["task"] == t]) for t in tasks)
+        lines.append(f"| {label_recipe(json.loads(recipe))} (n={n}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--groups", default="defaults", help=f"comma-separated, of {list(GROUPS)}")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {list(TASKS)}")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--results", type=Path, default=HERE / "results" / "recipe_sweep.jsonl")
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lorakit_recipe_sweep")
+    p.add_argument("--report", action="store_true", help="print the table of stored runs and exit")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        spec = json.loads(args.one)
+        print(json.dumps(run_one(spec["task"], spec["recipe"], spec["seed"], Path(spec["work"]))))
+        return
+    args.groups = args.groups.split(",")
+    args.tasks = args.tasks.split(",")
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    for name in args.groups:
+        if name not in GROUPS:
+            sys.exit(f"unknown group {name!r}; accepted: {list(GROUPS)}")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        sweep(args)
+    print(report(args))
+
+
+if __name__ == "__main__":
+    main()
