@@ -6,6 +6,7 @@ import argparse
 import re
 import sys
 
+from lorakit import precision
 from lorakit.plan.estimate import PLANNED_FAMILIES, Recipe, estimate
 from lorakit.plan.levers import levers
 from lorakit.plan.report import as_json, text
@@ -43,6 +44,8 @@ Predicts the GPU memory of `lorakit train` with the same flags, from the model's
 a config.json path, a hub id in the local cache, or a known id: {known}).
   --gpu_memory SIZE  the GPU's memory (24GiB, 24GB, 80G, bytes): says whether it fits, and what would make it fit
   --json             one JSON object (peak_bytes: the predicted peak of tensors)
+
+This machine: {machine}.
 """
 
 
@@ -53,7 +56,7 @@ def run(argv: list[str]) -> int:
 
     own, rest = _own_flags(argv)
     if own.help:
-        print(HELP.format(known=", ".join(known_ids())))
+        print(HELP.format(known=", ".join(known_ids()), machine=precision.describe("cpu")))
         return 0
     if not any(arg.split("=")[0] in ("--model", "--model_id_or_path") for arg in rest):
         raise ValueError("--model is required: a model folder, a config.json or a hub id")
@@ -67,5 +70,8 @@ def run(argv: list[str]) -> int:
     plan = estimate(shape, recipe)
     fits = budget is None or plan.device_bytes <= budget
     fixes = [] if fits else levers(shape, recipe, budget)
-    print((as_json if own.json else text)(args.model, shape, recipe, plan, budget, fixes))
+    if own.json:
+        print(as_json(args.model, shape, recipe, plan, budget, fixes))
+    else:
+        print(text(args.model, shape, recipe, plan, budget, fixes) + f"\n\nthis machine: {precision.describe('cpu')}")
     return 0 if fits else 1

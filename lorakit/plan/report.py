@@ -6,6 +6,7 @@ import json
 from lorakit.plan.estimate import ALLOCATOR_SLACK, CUDA_CONTEXT, Plan, Recipe
 from lorakit.plan.levers import Lever
 from lorakit.plan.shape import Shape
+from lorakit.precision import cpu_matrix_unit
 
 GiB = 1 << 30
 
@@ -54,4 +55,4 @@ def as_json(model: str, shape: Shape, recipe: Recipe, plan: Plan, budget: int | 
         "gpu_memory_bytes": budget, "fits": None if budget is None else plan.device_bytes <= budget,
         "changes": [{"flags": lever.flags, "device_bytes": lever.plan.device_bytes,
                      "peak_bytes": lever.plan.peak_bytes} for lever in fixes],
-        "notes": plan.notes}, indent=2)
+        "notes": plan.notes, "cpu_matrix_unit": cpu_matrix_unit()}, indent=2)

@@ -1,6 +1,8 @@
 """CPU bf16 autocast, which lorakit turns on by default where the CPU has a bf16 matrix unit: every
 path (the fused LoRA branch, DoRA, QLoRA's dequantisation, the memory savers, the mixed-adapter bank)
 gives the fp32 numbers within bf16's precision. Autocast runs on any CPU, only slower without such a unit."""
+import json
+
 import pytest
 import torch
 
@@ -51,6 +53,18 @@ def test_the_cpu_matrix_unit_picks_the_default(monkeypatch, unit, capabilities):
         assert ("bf16 autocast" in precision.describe("cpu")) is (unit != "none")
     finally:
         precision.cpu_matrix_unit.cache_clear()
+
+
+def test_plan_names_the_cpu_matrix_unit(capsys):
+    from lorakit.cli import main
+
+    unit = precision.cpu_matrix_unit()
+    assert main(["plan", "--help"]) == 0
+    assert f"This machine: cpu ({unit} matrix unit)" in capsys.readouterr().out
+    assert main(["plan", "--model", "google/gemma-2-2b"]) == 0
+    assert f"this machine: cpu ({unit} matrix unit)" in capsys.readouterr().out
+    assert main(["plan", "--model", "google/gemma-2-2b", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cpu_matrix_unit"] == unit
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
