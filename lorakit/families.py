@@ -25,6 +25,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(_QV, "MistralMLP", True),
     "qwen2": Family(_QV, "Qwen2MLP", True),
     "qwen3": Family(_QV, "Qwen3MLP", True),
+    "qwen2_5_vl": Family(gated_mlp="Qwen2_5_VLMLP"),  # the vision tower's (with biases); the LM's is Qwen2MLP
     "olmo2": Family(gated_mlp="Olmo2MLP", plain_head=True),
     "gpt2": Family(("c_attn",), plain_head=True),
     "phi3": Family(plain_head=True),

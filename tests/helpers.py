@@ -395,9 +395,8 @@ def add_misfit_adapter(adapters: Path) -> None:
 
 # --- vision-language models -----------------------------------------------------------------------
 VLM_ARCHS = ("llava", "qwen2_vl")
-VLM_SPECIALS = {"llava": ["<image>"],
-                "qwen2_vl": ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                             "<|video_pad|>"]}
+_QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+VLM_SPECIALS = {"llava": ["<image>"], "qwen2_vl": _QWEN_SPECIALS, "qwen2_5_vl": _QWEN_SPECIALS}
 _CONTENT = ("{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
             "{% if p['type'] == 'image' %}IMAGE{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}")
 VLM_TEMPLATES = {  # the shape of each family's own template, small
@@ -409,12 +408,13 @@ VLM_TEMPLATES = {  # the shape of each family's own template, small
                  + "<|im_end|>{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}"
                  "{% endif %}"),
 }
+VLM_TEMPLATES["qwen2_5_vl"] = VLM_TEMPLATES["qwen2_vl"]
 
 
 def build_vlm(arch: str, token_ids: dict[str, int], vocab_size: int, seed: int = 0) -> nn.Module:
     """A tiny random vision-language model (2 layers, hidden size 32 in its vision tower and language
-    model), in eval mode: LLaVA (CLIP 16x16 images in 4x4 patches, MLP projector, Llama) or Qwen2-VL
-    (its vision tower, 4x4 patches merged 2x2, Qwen2). `token_ids`: the special tokens' ids."""
+    model), in eval mode: LLaVA (CLIP 16x16 images in 4x4 patches, MLP projector, Llama), Qwen2-VL or
+    Qwen2.5-VL (its vision tower, 4x4 patches merged 2x2, Qwen2). `token_ids`: the special tokens' ids."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -426,15 +426,19 @@ def build_vlm(arch: str, token_ids: dict[str, int], vocab_size: int, seed: int =
                                 text_config=tf.LlamaConfig(**text), image_token_id=token_ids["<image>"],
                                 vision_feature_layer=-2, vision_feature_select_strategy="default")
         return tf.LlavaForConditionalGeneration(config).eval()
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+    tokens = dict(image_token_id=token_ids["<|image_pad|>"], video_token_id=token_ids["<|video_pad|>"],
+                  vision_start_token_id=token_ids["<|vision_start|>"], vision_end_token_id=token_ids["<|vision_end|>"])
+    patches = dict(patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
     if arch == "qwen2_vl":
-        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
-        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
-                      spatial_merge_size=2, temporal_patch_size=2)
-        config = tf.Qwen2VLConfig(text_config=dict(rope_parameters=rope, **text), vision_config=vision,
-                                  image_token_id=token_ids["<|image_pad|>"], video_token_id=token_ids["<|video_pad|>"],
-                                  vision_start_token_id=token_ids["<|vision_start|>"],
-                                  vision_end_token_id=token_ids["<|vision_end|>"])
+        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, **patches)
+        config = tf.Qwen2VLConfig(text_config=dict(rope_parameters=rope, **text), vision_config=vision, **tokens)
         return tf.Qwen2VLForConditionalGeneration(config).eval()
+    if arch == "qwen2_5_vl":  # its vision blocks' MLP is gated; window attention over 8x8-pixel windows
+        vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=32, window_size=8,
+                      fullatt_block_indexes=[1], **patches)
+        config = tf.Qwen2_5_VLConfig(text_config=dict(rope_parameters=rope, **text), vision_config=vision, **tokens)
+        return tf.Qwen2_5_VLForConditionalGeneration(config).eval()
     raise ValueError(arch)
 
 
@@ -448,30 +452,34 @@ def vlm_image_processor(arch: str):
                                        max_pixels=1024)
 
 
-def _vlm_processor(arch: str, tokenizer):
-    """The family's processor over `tokenizer`, with its chat template. Qwen2-VL's needs torchvision
-    (transformers checks its video processor's class)."""
+def _save_vlm_processor(path, arch: str, tokenizer) -> None:
+    """The family's processor files over `tokenizer`, with its chat template. LLaVA's as its processor saves
+    them; Qwen2-VL's and Qwen2.5-VL's as the hub ships them (preprocessor_config.json naming the processor,
+    chat_template.json), written without the processor object, which transformers builds only with torchvision."""
     import transformers as tf
 
     if arch == "llava":
-        return tf.LlavaProcessor(image_processor=vlm_image_processor(arch), tokenizer=tokenizer, patch_size=4,
-                                 num_additional_image_tokens=1, vision_feature_select_strategy="default",
-                                 chat_template=VLM_TEMPLATES[arch])
-    video = tf.Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
-    return tf.Qwen2VLProcessor(image_processor=vlm_image_processor(arch), tokenizer=tokenizer,
-                               video_processor=video, chat_template=VLM_TEMPLATES[arch])
+        tf.LlavaProcessor(image_processor=vlm_image_processor(arch), tokenizer=tokenizer, patch_size=4,
+                          num_additional_image_tokens=1, vision_feature_select_strategy="default",
+                          chat_template=VLM_TEMPLATES[arch]).save_pretrained(str(path))
+        return
+    processor = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[arch]
+    image_config = {**vlm_image_processor(arch).to_dict(), "processor_class": processor}
+    (Path(path) / "preprocessor_config.json").write_text(json.dumps(image_config))
+    (Path(path) / "chat_template.json").write_text(json.dumps({"chat_template": VLM_TEMPLATES[arch]}))
+    tokenizer.save_pretrained(str(path))
 
 
 def save_tiny_vlm(path, arch: str, seed: int = 0) -> str:
     """A folder with a tiny random vision-language model (build_vlm) and its processor (the small BPE
     tokenizer plus the family's image tokens, its image processor and chat template), as
-    AutoModelForImageTextToText and AutoProcessor load them."""
+    AutoModelForImageTextToText and AutoProcessor (lorakit's load_processor) load them."""
     from transformers import AutoTokenizer
 
     save_tiny_causal_lm(path)  # its tokenizer, to which the image tokens are added
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     tokenizer.add_special_tokens({"additional_special_tokens": VLM_SPECIALS[arch]})
-    _vlm_processor(arch, tokenizer).save_pretrained(str(path))
+    _save_vlm_processor(path, arch, tokenizer)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VLM_SPECIALS[arch]}
     build_vlm(arch, ids, len(tokenizer), seed).save_pretrained(str(path))
     return str(path)

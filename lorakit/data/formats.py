@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lorakit.data.loading import Row
-from lorakit.data.multimodal import Multimodal, has_images, to_multimodal
+from lorakit.data.multimodal import Multimodal, has_images, refuse_videos, to_multimodal
 
 FORMATS = ("alpaca", "messages", "text", "classification")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -111,6 +111,7 @@ def _messages(row: Row) -> Conversation | Multimodal:
     if messages[0]["role"] == "assistant":
         raise ValueError(f"{row.source}: the conversation starts with an assistant message; "
                          "it should start with a system or user message")
+    refuse_videos(row)
     return to_multimodal(row, messages) if has_images(row, messages) else Conversation(messages)
 
 

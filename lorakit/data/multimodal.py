@@ -37,6 +37,13 @@ def has_images(row: Row, messages: list[dict]) -> bool:
     return row.data.get("images") is not None or any(isinstance(m["content"], list) for m in messages)
 
 
+def refuse_videos(row: Row) -> None:
+    """ms-swift's "videos" field is refused (naming the row): lorakit trains on images and text."""
+    if row.data.get("videos"):
+        raise ValueError(f"{row.source}: the row has 'videos'; lorakit trains on images and text only: drop the "
+                         "videos, or give frames of them as images (with one <image> tag each)")
+
+
 def to_multimodal(row: Row, messages: list[dict]) -> Multimodal:
     """The row's conversation as content parts and its images, each image checked (naming the row)."""
     listed = row.data.get("images") or []

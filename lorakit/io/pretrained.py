@@ -75,10 +75,19 @@ def is_vision_language(config) -> bool:
 
 
 def load_processor(model_path: str):
-    """A vision-language model's processor (image processor, tokenizer, chat template)."""
+    """A vision-language model's processor (image processor, tokenizer, chat template). Without torchvision,
+    a processor whose video processor needs it (Qwen2-VL's) is loaded without that part: images only."""
     from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
 
-    processor = _from_pretrained(AutoProcessor, model_path)
+    from lorakit.io.images_only import load_images_only
+
+    try:
+        processor = _from_pretrained(AutoProcessor, model_path)
+    except ImportError:
+        processor = None if is_torchvision_available() else load_images_only(model_path)
+        if processor is None:
+            raise
     if not hasattr(processor, "image_token_id"):
         raise ValueError(f"the processor of {model_path} ({type(processor).__name__}) names no image token; "
                          "lorakit trains vision-language models whose processor has one (LLaVA, Qwen2-VL, ...)")

@@ -48,6 +48,7 @@ class Row:
         self.token_ids: list[int] = []
         self.sent = ""  # text already released; stop strings and partial characters are held back
         self.finish_reason: str | None = None
+        self.position_offset = 0  # added to its token count for the next token's position (M-RoPE; mrope.py)
 
     def push(self, token: int) -> str:
         """Take the next token; return the text it makes final (maybe empty)."""

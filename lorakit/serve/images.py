@@ -8,9 +8,9 @@ that request's adapter (`AdapterBank.every_row`: the encoder's batch is the requ
 batch's rows); the features go into the language model's prefill as `mm_encoder_outputs`, so image
 rows and text rows prefill and decode together through the bank.
 
-Served: LLaVA-family bases (llava, llava_next), whose image tokens take ordinary positions. Qwen2-VL's
-M-RoPE positions (3 per token, from the image grid) are not built by the scheduler: its image requests
-are refused with a 400 (`lorakit infer --image` runs them).
+Served: LLaVA-family bases (llava, llava_next), whose image tokens take ordinary positions, and Qwen2-VL
+(qwen2_vl, qwen2_5_vl), whose M-RoPE positions (three per image token, from the image's grid) the
+scheduler builds with mrope.py. Another vision-language base's image requests are refused with a 400.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ MAX_IMAGES = 8  # per request
 MAX_IMAGE_BYTES = 20 << 20  # an encoded image (data: URL payload or download)
 MAX_IMAGE_PIXELS = 4096 * 4096  # width x height, checked before the pixels are decoded
 REMOTE_TIMEOUT_S = 10.0
-SERVED_FAMILIES = ("llava", "llava_next")
+SERVED_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 _DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.IGNORECASE)
 
 
@@ -37,9 +37,8 @@ def image_support(model, processor) -> str | None:
     if processor is None:
         return f"the base model ({model_type}) is text-only; image content parts need a vision-language model"
     if model_type not in SERVED_FAMILIES:
-        return (f"images are served for LLaVA-family bases ({', '.join(SERVED_FAMILIES)}); {model_type!r} places "
-                "image tokens with its own position scheme, which the server does not build yet "
-                "(lorakit infer --image runs it)")
+        return (f"images are served for LLaVA- and Qwen2-VL-family bases ({', '.join(SERVED_FAMILIES)}); "
+                f"{model_type!r} is not one of them (lorakit infer --image runs it)")
     return None
 
 

@@ -6,7 +6,8 @@ rows x heads x length x dim) with an attention mask that marks each row's paddin
 tokens stay right-aligned. `join` prefills the newcomers' prompts as a batch of their own, samples
 their first tokens and writes their cache rows after the running ones (left-padded to the running
 length, or the running rows moved right when the newcomers are longer). `step` decodes one token for
-every row, with `bank.rows(...)` rebuilt from the rows present and each row's own position ids. A row
+every row, with `bank.rows(...)` rebuilt from the rows present and each row's own position ids (on an
+M-RoPE model, image rows' positions from mrope.py: three per token at the prefill, then offset). A row
 that finishes (or is dropped with `leave`) is overwritten by the last row, and the columns on the left
 that no row attends to any more are cut once they are a quarter of the cache. The layers keep spare
 rows and columns (RoomyLayer), so that a step, a join or a leave copies only what changes, not the
@@ -23,6 +24,7 @@ from transformers.cache_utils import DynamicLayer
 from lorakit.serve.bank import AdapterBank
 from lorakit.serve.generate import GenerationRequest, GenerationResult, Row, check_request, eos_ids, next_tokens
 from lorakit.serve.images import prefill_inputs
+from lorakit.serve.mrope import prefill_positions
 
 Event = tuple[Row, str]  # a row and the text its newest token made final (maybe empty)
 ROOM = 64  # spare columns after a cache layer's tokens: a copy of the cache every ROOM steps, not every step
@@ -127,7 +129,10 @@ class RunningBatch:
                             device=self.device)
         cache = new_cache()
         extra = prefill_inputs(self.bank, requests)  # the images' features, each with its request's adapter
-        events = self._forward(rows, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, extra)
+        positions, offsets = prefill_positions(self.bank.model, ids, mask, requests)  # M-RoPE's for images
+        for row, offset in zip(rows, offsets):
+            row.position_offset = offset
+        events = self._forward(rows, ids, mask, positions, cache, extra)
         self._add(rows, cache, mask)
         self.leave([row for row in rows if row.finish_reason is not None])
         return events
@@ -138,7 +143,8 @@ class RunningBatch:
         if not self.rows:
             return []
         ids = torch.tensor([row.token_ids[-1] for row in self.rows], device=self.device)[:, None]
-        positions = self.mask.sum(-1, keepdim=True)  # each row's tokens so far: the new one's position
+        offsets = torch.tensor([[row.position_offset] for row in self.rows], device=self.device)
+        positions = self.mask.sum(-1, keepdim=True) + offsets  # each row's tokens so far (+ its M-RoPE offset)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         events = self._forward(self.rows, ids, self.mask, positions, self.cache)
         self.leave([row for row in self.rows if row.finish_reason is not None])

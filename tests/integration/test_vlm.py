@@ -34,6 +34,11 @@ def llava_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory) -> str:
+    return save_tiny_vlm(tmp_path_factory.mktemp("tiny-qwen2-vl"), "qwen2_vl")
+
+
+@pytest.fixture(scope="module")
 def vlm_file(tmp_path_factory) -> str:
     return vlm_dataset(tmp_path_factory.mktemp("vlm-data"))
 
@@ -47,10 +52,28 @@ def image_batch(model_dir: str, data_file: str) -> dict[str, torch.Tensor]:
     return batch
 
 
-def adapted_parts(folder) -> set[str]:
+def adapted_parts(folder, arch: str = "llava") -> set[str]:
     """The parts whose modules the saved adapter's config names."""
     targets = json.loads((folder / "adapter_config.json").read_text())["target_modules"]
-    return {part for part, prefix in LLAVA_PARTS.items() for t in targets if t.startswith(prefix)}
+    return {vlm_part(t, VLM_PARTS[arch]) for t in targets}
+
+
+def assert_peft_reloads(model_dir: str, data_file: str, adapter) -> None:
+    """PEFT and lorakit reload the adapter over the base with the same logits on an image batch, which
+    differ from the base's."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    import lorakit
+
+    batch = image_batch(model_dir, data_file)
+    with torch.no_grad():
+        base = AutoModelForImageTextToText.from_pretrained(model_dir)(**batch).logits
+        theirs = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model_dir), str(adapter))
+        ours = lorakit.PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model_dir), str(adapter))
+        want = theirs.eval()(**batch).logits
+        torch.testing.assert_close(ours.eval()(**batch).logits, want)
+    assert not torch.allclose(base, want)
 
 
 @pytest.mark.parametrize("flags, parts", [
@@ -59,23 +82,11 @@ def adapted_parts(folder) -> set[str]:
     pytest.param({"freeze_llm": "true", "freeze_vit": "false"}, {"vit"}, marks=pytest.mark.slow),
 ])
 def test_llava_trains_the_open_parts_and_peft_reloads_it(llava_dir, vlm_file, tmp_path, flags, parts):
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
-
-    import lorakit
-
     out = tmp_path / "out"
     assert main(["train", *quick_args(llava_dir, vlm_file, out, max_steps=3, **flags)]) == 0
     assert adapted_parts(out) == parts
     assert (out / "processor_config.json").is_file() and (out / "chat_template.jinja").is_file()
-    batch = image_batch(llava_dir, vlm_file)
-    with torch.no_grad():
-        base = AutoModelForImageTextToText.from_pretrained(llava_dir)(**batch).logits
-        theirs = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(llava_dir), str(out))
-        ours = lorakit.PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(llava_dir), str(out))
-        want = theirs.eval()(**batch).logits
-        torch.testing.assert_close(ours.eval()(**batch).logits, want)
-    assert not torch.allclose(base, want)
+    assert_peft_reloads(llava_dir, vlm_file, out)
 
 
 def test_trainable_counts_per_part_in_the_run_log(llava_dir, vlm_file, tmp_path, capsys):
@@ -137,11 +148,20 @@ def test_qwen2_vl_parts_and_peft_reload(tmp_path):
         torch.testing.assert_close(model.eval()(**batch).logits, theirs.eval()(**batch).logits)
 
 
-def test_qwen2_vl_trains_through_the_cli(tmp_path, vlm_file):
-    pytest.importorskip("torchvision", reason="transformers builds Qwen2-VL's processor only with torchvision")
-    model_dir = save_tiny_vlm(tmp_path / "qwen2-vl", "qwen2_vl")
-    assert main(["train", *quick_args(model_dir, vlm_file, tmp_path / "out", max_steps=2,
-                                      freeze_vit="false", freeze_aligner="false")]) == 0
+@pytest.mark.parametrize("flags, parts", [
+    ({}, {"llm"}),
+    ({"freeze_vit": "false", "freeze_aligner": "false"}, {"llm", "vit", "aligner"}),
+    ({"freeze_llm": "true", "freeze_aligner": "false"}, {"aligner"}),
+])
+def test_qwen2_vl_trains_through_the_cli(qwen_dir, vlm_file, tmp_path, flags, parts):
+    """A Qwen2-VL folder as the hub ships it trains through the CLI (its processor without torchvision:
+    images only), and PEFT reloads the adapter with the same logits."""
+    out = tmp_path / "out"
+    assert main(["train", *quick_args(qwen_dir, vlm_file, out, max_steps=2, **flags)]) == 0
+    assert adapted_parts(out, "qwen2_vl") == parts
+    saved = load_processor(str(out))  # the adapter folder's processor, as `lorakit infer` loads it
+    assert type(saved).__name__ == "Qwen2VLProcessor" and saved.chat_template == load_processor(qwen_dir).chat_template
+    assert_peft_reloads(qwen_dir, vlm_file, out)
 
 
 def test_a_text_only_model_refuses_image_rows(tiny_lm_dir, vlm_file, tmp_path, capsys):

@@ -24,14 +24,15 @@ def trained(llava_dir, tmp_path_factory):
     return str(out), folder / "imgs"
 
 
-def peft_generate(base: str, adapter: str, images: list, content: list[dict], max_new_tokens: int) -> str:
-    """PEFT's PeftModel over the base, greedy generate on the processor's inputs for a user turn of `content`
-    parts rendered with the processor's chat template."""
+def peft_generate(base: str, adapter: str, images: list, content: list[dict], max_new_tokens: int,
+                  processor=None) -> str:
+    """PEFT's PeftModel over the base, greedy generate on the processor's inputs (the adapter folder's, with
+    AutoProcessor, unless given) for a user turn of `content` parts rendered with its chat template."""
     from peft import PeftModel
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(adapter)
+    processor = processor or AutoProcessor.from_pretrained(adapter)
     text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), adapter).eval()
@@ -91,3 +92,28 @@ def test_an_image_on_a_text_only_model(tmp_path, capsys):
     assert main(["infer", "--model", base, "--image", str(tmp_path / "imgs/red.png"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "--image needs a vision-language model" in err and "is text-only" in err
+
+
+def test_qwen2_vl_adapter_batched_equals_generate_alone(tmp_path):
+    """A Qwen2-VL adapter (its folder's processor loaded without torchvision) on a batch of two left-padded
+    prompts with a wide image: each completion equals PEFT's generate on that prompt alone."""
+    from PIL import Image
+
+    from lorakit.io.pretrained import load_processor
+
+    base = save_tiny_vlm(tmp_path / "qwen2-vl", "qwen2_vl")
+    data = vlm_dataset(tmp_path / "data")
+    wide = tmp_path / "data" / "imgs" / "wide.png"
+    Image.new("RGB", (48, 16), (30, 200, 200)).save(wide)
+    adapter = str(tmp_path / "adapter")
+    assert main(["train", *quick_args(base, data, adapter, max_steps=3, freeze_vit="false")]) == 0
+    prompts = ["What colour is the square?", "Look: <image> Which colour, and which shape is it?"]
+    results = run_infer(InferArgs(adapter=adapter, image=[str(wide)], prompt=prompts, batch_size=2, max_new_tokens=6,
+                                  torch_dtype="float32"))
+    contents = [[{"type": "image"}, {"type": "text", "text": prompts[0]}],
+                [{"type": "text", "text": "Look: "}, {"type": "image"},
+                 {"type": "text", "text": " Which colour, and which shape is it?"}]]
+    processor = load_processor(base)
+    assert [r["completion"] for r in results] == [peft_generate(base, adapter, [wide], c, 6, processor)
+                                                  for c in contents]
+    assert all(r["completion"].strip() for r in results)

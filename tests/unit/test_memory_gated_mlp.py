@@ -82,3 +82,33 @@ def test_under_checkpointing_only_block_inputs_are_kept():
 def test_inside_a_checkpoint_of_the_whole_model_nothing_of_the_mlp_is_kept():
     on, off = (kept_for_backward("gated_mlp", saver, 2, checkpoint="model") for saver in (True, False))
     assert on <= off, (on, off)
+
+
+def test_qwen2_5_vl_vision_mlp_keeps_outputs_and_gradients():
+    """Qwen2.5-VL's vision MLP (gated, with biases) gets the lean forward: an image batch's loss and every
+    adapter gradient (vision tower and language model, dropout on, same seed) equal its own forward's."""
+    from helpers import build_vlm, vlm_image_processor
+    from lorakit import memory
+
+    special = {"<|image_pad|>": 90, "<|video_pad|>": 91, "<|vision_start|>": 92, "<|vision_end|>": 93}
+    pixels = vlm_image_processor("qwen2_5_vl")(images=[torch.rand(3, 16, 16)], do_rescale=False, return_tensors="pt")
+    ids = torch.tensor([[5, 92, *[90] * (int(pixels["image_grid_thw"].prod()) // 4), 93, 11, 12, 13]])
+    batch = {"input_ids": ids, "labels": ids, "mm_token_type_ids": (ids == 90).long(), **pixels}
+    results = []
+    for saver in (True, False):
+        model = build_vlm("qwen2_5_vl", special, vocab_size=96).train()
+        peft_model = lorakit.get_peft_model(model, lorakit.LoraConfig(
+            r=4, lora_dropout=0.3, init_lora_weights=False, target_modules=["gate_proj", "up_proj", "down_proj"]))
+        lean = peft_model.memory_savers["gated_mlp"]
+        assert {"model.visual.blocks.0.mlp", "model.visual.blocks.1.mlp"} <= set(lean)
+        if not saver:
+            memory.disable(model, ["gated_mlp"])
+        torch.manual_seed(5)
+        loss = peft_model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}))
+    (loss_lean, grads_lean), (loss_plain, grads_plain) = results
+    torch.testing.assert_close(loss_lean, loss_plain, rtol=1e-6, atol=1e-6)
+    assert grads_lean.keys() == grads_plain.keys() and any(".visual." in n for n in grads_plain)
+    for name in grads_plain:
+        torch.testing.assert_close(grads_lean[name], grads_plain[name], rtol=1e-5, atol=1e-6)

@@ -67,6 +67,8 @@ def one_image_row(content="<image>What is it?", images=("imgs/red.png",)) -> dic
     (one_image_row(images=["https://example.com/a.png"]), r"data.jsonl:1: image 'https://example.com/a.png' is a URL"),
     (one_image_row(images=["data:image/png;base64,@@@"]), r"data.jsonl:1: the image data is not an image"),
     (one_image_row([{"type": "video", "video": "a.mp4"}]), r"data.jsonl:1: messages\[0\].content\[0\] should be"),
+    ({**one_image_row("<video>What happens?", images=()), "videos": ["a.mp4"]},
+     r"data.jsonl:1: the row has 'videos'; lorakit trains on images and text only"),
 ])
 def test_bad_rows_name_the_row_and_the_problem(folder, row, message):
     (folder / "notes.txt").write_text("not a picture")
