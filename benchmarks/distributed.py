@@ -2,14 +2,17 @@
 
     python benchmarks/distributed.py                     # LoRA and full fine-tuning, 12 steps each
     python benchmarks/distributed.py --steps 4 --layers 2   # a smoke run
+    python benchmarks/distributed.py --layers 24 --steps 3 --train_types lora qlora \
+        --runs "1 process, 1 thread" "2 ranks, DDP" "2 ranks, FSDP2"   # memory: a ~80M-parameter model
 
 A Llama of ~20M parameters (hidden 512, 6 layers) with a small BPE tokenizer, built in a temporary
 folder; 64 short alpaca rows; global batch 16 (1 process x 16, or 2 x 8), fp32, gloo. Each run is
 `lorakit train` itself, started through this file's --worker mode, which times every optimiser step
-(loop.train_step) and, at the end, reads the process's VmHWM: the peak resident memory since training
-started (lorakit.train.peak resets it there, so model loading is left out). Step time is the median
-of the steps after the first. One process runs with every core (OMP_NUM_THREADS = cores) and with one
-thread; two ranks get cores / 2 threads each, so on a 2-core machine the two ranks share the two cores.
+(loop.train_step) and reads the process's VmHWM (peak resident memory) twice: when training starts
+(the peak of loading the model and, under FSDP2, sharding it; lorakit.train.peak then resets it) and
+at the end (the peak of training). Step time is the median of the steps after the first. One process
+runs with every core (OMP_NUM_THREADS = cores) and with one thread; two ranks get cores / 2 threads
+each, so on a 2-core machine the two ranks share the two cores.
 """
 from __future__ import annotations
 
@@ -47,12 +50,22 @@ def build_model(folder: Path, layers: int) -> str:
     return str(folder)
 
 
-def worker(out: str, flags: list[str]) -> None:
-    """Run `lorakit train flags` here, timing each step; write this rank's step times and VmHWM to out.<rank>."""
-    from lorakit.cli import main
-    from lorakit.train import loop
+def vmhwm_mib() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
 
-    times, real = [], loop.train_step
+
+def worker(out: str, flags: list[str]) -> None:
+    """Run `lorakit train flags` here, timing each step; write this rank's step times and its VmHWM when training
+    starts (loading) and at the end (training) to out.<rank>."""
+    from lorakit.cli import main
+    from lorakit.train import loop, peak
+
+    times, real, loading, reset = [], loop.train_step, [], peak.reset
+
+    def reset_after_reading(device):
+        loading.append(vmhwm_mib())
+        reset(device)
 
     def timed(run):
         start = time.perf_counter()
@@ -60,11 +73,10 @@ def worker(out: str, flags: list[str]) -> None:
         times.append(time.perf_counter() - start)
         return result
 
-    loop.train_step = timed
+    loop.train_step, peak.reset = timed, reset_after_reading
     assert main(["train", *flags]) == 0
-    status = Path("/proc/self/status").read_text()
-    peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
-    Path(f"{out}.{os.environ.get('RANK', '0')}").write_text(json.dumps({"times": times, "peak_mib": peak_kib / 1024}))
+    Path(f"{out}.{os.environ.get('RANK', '0')}").write_text(
+        json.dumps({"times": times, "load_mib": loading[0], "peak_mib": vmhwm_mib()}))
 
 
 def run(name: str, train_type: str, model: str, data: str, work: Path, steps: int) -> dict:
@@ -83,7 +95,8 @@ def run(name: str, train_type: str, model: str, data: str, work: Path, steps: in
         raise SystemExit(f"{name} {train_type} failed:\n{done.stderr[-3000:]}")
     ranks = [json.loads(Path(f"{out}.json.{r}").read_text()) for r in range(processes)]
     step_s = statistics.median(ranks[0]["times"][1:] or ranks[0]["times"])
-    return {"run": name, "train_type": train_type, "step_s": step_s, "peak_mib": [r["peak_mib"] for r in ranks]}
+    return {"run": name, "train_type": train_type, "step_s": step_s, "peak_mib": [r["peak_mib"] for r in ranks],
+            "load_mib": [r["load_mib"] for r in ranks]}
 
 
 def main() -> None:
@@ -92,7 +105,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--train_types", nargs="+", default=["lora", "full"])
+    parser.add_argument("--train_types", nargs="+", default=["lora", "full"], choices=["lora", "dora", "qlora", "full"])
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     args = parser.parse_args()
     from helpers import alpaca_rows, write_jsonl
 
@@ -100,16 +114,18 @@ def main() -> None:
         work = Path(tmp)
         model = build_model(work / "model", args.layers)
         data = write_jsonl(work / "rows.jsonl", alpaca_rows(64))
-        results = [run(name, kind, model, data, work, args.steps) for kind in args.train_types for name in RUNS]
-    print(f"{os.cpu_count()} cores; global batch 16; fp32; median step after the first of {args.steps}")
-    print("| train type | run | step (s) | vs the faster 1-process run | peak RSS per rank (MiB, VmHWM) |")
-    print("|---|---|---|---|---|")
+        results = [run(name, kind, model, data, work, args.steps) for kind in args.train_types for name in args.runs]
+    print(f"{os.cpu_count()} cores; {args.layers} layers; global batch 16; fp32; median step after the first of "
+          f"{args.steps}")
+    print("| train type | run | step (s) | vs the faster 1-process run | peak RSS per rank, loading (MiB, VmHWM) "
+          "| peak RSS per rank, training (MiB, VmHWM) |")
+    print("|---|---|---|---|---|---|")
     for result in results:
         base = min((r for r in results if r["train_type"] == result["train_type"] and r["run"].startswith("1 ")),
-                   key=lambda r: r["step_s"])
-        peaks = " / ".join(f"{p:.0f}" for p in result["peak_mib"])
+                   key=lambda r: r["step_s"], default=result)
+        loading, peaks = (" / ".join(f"{p:.0f}" for p in result[key]) for key in ("load_mib", "peak_mib"))
         print(f"| {result['train_type']} | {result['run']} | {result['step_s']:.3f} | "
-              f"{result['step_s'] / base['step_s']:.2f}x | {peaks} |")
+              f"{result['step_s'] / base['step_s']:.2f}x | {loading} | {peaks} |")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,18 @@ class NF4Linear(nn.Module):
                 self._buffers[name] = old.to(self._buffers[name].device)
         return self
 
+    def storage_as_parameters(self) -> None:
+        """Hold the 8-bit storage (the packed codes; the block scales too when double quantisation made them
+        8-bit codes) as frozen parameters instead of buffers, under the same names, so that FSDP2 shards them
+        with the other parameters of their unit. FSDP2 keeps non-float parameters out of mixed precision and
+        all-gathers a unit of mixed dtypes as bytes, so the codes arrive whole and unchanged; fp32 scales stay
+        buffers (replicated, and never cast to bf16)."""
+        for name in ("weight_packed", "weight_absmax"):
+            tensor = self._buffers.get(name)
+            if tensor is not None and tensor.dtype == torch.uint8:
+                del self._buffers[name]
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize={self.blocksize}, "
                 f"double_quant={self.weight_nested_absmax is not None}")

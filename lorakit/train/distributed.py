@@ -62,6 +62,17 @@ class StepModule(nn.Module):
         return self.loss(self.model, batch)
 
 
+def build(load: Callable[[], nn.Module], prepare: Callable[[nn.Module], nn.Module], ctx: Dist,
+          sharded: bool) -> nn.Module:
+    """This rank's model: prepare(load()) (load the base on the CPU, attach adapters). Under FSDP2 with several
+    ranks only rank 0 loads it; the others prepare its structure with empty tensors (fsdp.built_on_main), and
+    wrap() shards the model, moving it to the device block by block, and fills their shards. Else the model is
+    moved to the device here."""
+    if sharded and ctx.world > 1:
+        return fsdp.built_on_main(load, prepare, ctx.rank)
+    return prepare(load()).to(ctx.device)
+
+
 def wrap(model: nn.Module, loss: Callable, ctx: Dist, sharded: bool, bf16: bool) -> nn.Module:
     """The module that runs a step: FSDP2-sharded (`sharded`, more than one process), in DDP (more than one
     process), or as is. DDP registers only trainable parameters; a parameter a batch leaves unused (a
@@ -70,7 +81,7 @@ def wrap(model: nn.Module, loss: Callable, ctx: Dist, sharded: bool, bf16: bool)
     if ctx.world == 1:
         return step
     if sharded:
-        fsdp.shard(step, model, ctx.device, ctx.world, bf16)
+        fsdp.shard(step, model, ctx.device, ctx.world, ctx.rank, bf16)
         return step
     return nn.parallel.DistributedDataParallel(step, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
                                                find_unused_parameters=True, broadcast_buffers=False)
@@ -120,12 +131,19 @@ def barrier(ctx: Dist) -> None:
 
 
 def describe(model: nn.Module, ctx: Dist, sharded: bool) -> str:
-    """One line on how the run spreads over processes (FSDP: each rank's measured share of parameter bytes)."""
+    """How the run spreads over processes (FSDP: each rank's measured share of the parameter bytes, and of a
+    4-bit base's storage)."""
     if ctx.world == 1:
         return "processes: 1" + (" (--fsdp: nothing to shard; checkpoints are still sharded-format)" if sharded else "")
     if not sharded:
         return f"processes: {ctx.world}, data parallel (DDP): every rank holds the whole model"
-    shares = gather_objects(fsdp.local_bytes(model), ctx)
+    line = f"processes: {ctx.world}, FSDP2: " + _shares("parameter bytes", model.parameters(), ctx)
+    storage = fsdp.nf4_storage(model)
+    return line + ("; " + _shares("4-bit base bytes", storage, ctx) if storage else "")
+
+
+def _shares(what: str, tensors, ctx: Dist) -> str:
+    shares = gather_objects(fsdp.local_bytes(tensors), ctx)
     whole = shares[0][1]
-    return (f"processes: {ctx.world}, FSDP2: parameter bytes per rank [{' '.join(str(m) for m, _ in shares)}] "
-            f"of {whole} in the model (1/{ctx.world}: {whole // ctx.world})")
+    return (f"{what} per rank [{' '.join(str(m) for m, _ in shares)}] of {whole} in the model "
+            f"(1/{ctx.world}: {whole // ctx.world})")

@@ -3,17 +3,24 @@
 Each transformer block is one unit (its weights all-gathered just before its forward and backward,
 freed after); the rest of the model (embeddings, final norm, head) is the root unit. Under --bf16 the
 gathered weights are cast to bf16 for compute while the sharded weights, their gradients' reduction
-and the optimiser state stay fp32. Saving gathers the shards back into whole tensors on rank 0.
+and the optimiser state stay fp32. A 4-bit (NF4) base is sharded too: its packed codes become frozen
+uint8 parameters of their block, gathered as bytes and dequantised after gathering. Only rank 0 loads
+the model (on the CPU); the other ranks receive its structure with empty (meta) tensors, and after
+sharding each rank receives its shards of rank 0's weights one tensor at a time, so no other rank ever
+holds the whole model, and no device does. Saving gathers the shards back into whole tensors on rank 0.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import io
+import pickle
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from lorakit.model.peft_model import PeftModel
+from lorakit.quant.linear4bit import NF4Linear
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -34,17 +41,100 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def shard(root: nn.Module, model: nn.Module, device: torch.device, world: int, bf16: bool) -> None:
-    """fully_shard each transformer block of `model`, then `root` (the module whose forward runs the step)."""
+def built_on_main(load: Callable[[], nn.Module], prepare: Callable[[nn.Module], nn.Module], rank: int) -> nn.Module:
+    """prepare(load()) on rank 0 (on the CPU). Every other rank receives the loaded model's structure with each
+    tensor empty on the meta device, and prepares that (adapters, patches and hooks as on rank 0, all on the meta
+    device); shard() then hands each rank its part of rank 0's weights."""
+    import torch.distributed as dist
+
+    base = load() if rank == 0 else None
+    box = [skeleton(base) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    if rank == 0:
+        return prepare(base)
+    with torch.device("meta"):
+        return prepare(pickle.loads(box[0]))  # rank 0's bytes, not a file
+
+
+def skeleton(model: nn.Module) -> bytes:
+    """`model` pickled with every tensor as an empty one on the meta device (ties and shared tensors kept)."""
+    out = io.BytesIO()
+    try:
+        _MetaPickler(out).dump(model)
+    except (pickle.PicklingError, TypeError, AttributeError) as err:
+        raise TypeError(f"--fsdp loads the model on rank 0 and sends its structure to the other ranks, but the "
+                        f"loaded {type(model).__name__} does not pickle ({err}); train it without --fsdp "
+                        "(data parallel, DDP)") from None
+    return out.getvalue()
+
+
+class _MetaPickler(pickle.Pickler):
+    """Pickles a module with each tensor as an empty one of its shape and dtype on the meta device."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, nn.Parameter):
+            return _meta_parameter, (obj.shape, obj.dtype, obj.requires_grad)
+        if isinstance(obj, torch.Tensor):
+            return _meta_tensor, (obj.shape, obj.dtype)
+        return NotImplemented
+
+
+def _meta_tensor(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _meta_parameter(shape: torch.Size, dtype: torch.dtype, requires_grad: bool) -> nn.Parameter:
+    return nn.Parameter(_meta_tensor(shape, dtype), requires_grad=requires_grad)
+
+
+def shard(root: nn.Module, model: nn.Module, device: torch.device, world: int, rank: int, bf16: bool) -> None:
+    """fully_shard each transformer block of `model`, then `root` (the module whose forward runs the step), and
+    fill every rank's shards from rank 0's weights (the other ranks' `model` is built_on_main's empty one).
+    Each unit moves to the device as it is sharded, so no device ever holds the whole model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    for layer in nf4_layers(model):  # buffers are replicated; parameters are sharded
+        layer.storage_as_parameters()
+    whole = {name: p.detach() for name, p in root.named_parameters()} if rank == 0 else {}
     mesh = init_device_mesh(device.type, (world,))
     precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
                  else MixedPrecisionPolicy())
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=precision)
     fully_shard(root, mesh=mesh, mp_policy=precision)
+    _hand_out(root, whole, device, world, rank)
+
+
+@torch.no_grad()
+def _hand_out(root: nn.Module, whole: dict[str, torch.Tensor], device: torch.device, world: int, rank: int) -> None:
+    """Rank 0's weights to every rank, one tensor at a time: each rank keeps its rows of a sharded parameter
+    (FSDP2 gives rank r the r-th chunk of dim 0, torch.chunk's way) and a copy of each buffer."""
+    import torch.distributed as dist
+
+    if rank != 0:
+        _allocate(root, device)
+    for name, param in root.named_parameters():
+        full = whole.pop(name).to(device) if rank == 0 else torch.empty(param.shape, dtype=param.dtype, device=device)
+        dist.broadcast(full, src=0)
+        local = param.to_local()
+        rows = -(-full.shape[0] // world)
+        local.copy_(full[rank * rows:rank * rows + local.shape[0]])
+    for buffer in root.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def _allocate(module: nn.Module, device: torch.device) -> None:
+    """Uninitialised storage on `device` for every (meta) tensor of `module`, as to_empty() allocates, but a
+    tensor held in several places (a code table shared by layers) stays one tensor, as on rank 0."""
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            made[id(t)] = (t, torch.empty_like(t, device=device))
+        return made[id(t)][1]
+
+    module._apply(empty)
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -62,12 +152,25 @@ def reshard(module: nn.Module) -> None:
             m.reshard()
 
 
-def local_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes of parameters this rank holds, bytes of the whole model's parameters)."""
+def nf4_layers(model: nn.Module) -> list[NF4Linear]:
+    """The model's 4-bit layers (a LoRA layer's base is not its child: found through base_layer)."""
+    modules = [getattr(m, "base_layer", m) for m in model.modules()]
+    return list({id(m): m for m in modules if isinstance(m, NF4Linear)}.values())
+
+
+def nf4_storage(model: nn.Module) -> list[torch.Tensor]:
+    """The 4-bit base's storage that grows with the weights: packed codes, block scales and nested scales
+    (not the 256-entry code table each layer keeps, a constant of the format)."""
+    names = ("weight_packed", "weight_absmax", "weight_nested_absmax")
+    return [t for layer in nf4_layers(model) for t in (getattr(layer, n) for n in names) if t is not None]
+
+
+def local_bytes(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
+    """(bytes of `tensors` this rank holds, bytes of the whole tensors): a sharded one counts its local shard."""
     from torch.distributed.tensor import DTensor
 
     mine = whole = 0
-    for p in model.parameters():
+    for p in tensors:
         local = p.to_local() if isinstance(p, DTensor) else p
         mine += local.numel() * local.element_size()
         whole += p.numel() * p.element_size()

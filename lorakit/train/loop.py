@@ -224,8 +224,9 @@ def build_model(args: TrainArgs, ctx: distributed.Dist, model_path: str, data: P
         base_dtype = torch.bfloat16 if bf16 and args.train_type != "full" else torch.float32
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # same adapter initialisation on every rank
-    model = load_model(model_path, data.task, data.labels, base_dtype, args.quantize, tuple(args.modules_to_save))
-    model = prepare_model(model, args, data.task).to(ctx.device).train()
+    model = distributed.build(  # under --fsdp, loaded on rank 0 only
+        lambda: load_model(model_path, data.task, data.labels, base_dtype, args.quantize, tuple(args.modules_to_save)),
+        lambda base: prepare_model(base, args, data.task).train(), ctx, bool(args.fsdp))
     torch.manual_seed(args.seed + ctx.rank)  # independent dropout masks per rank
     return model
 

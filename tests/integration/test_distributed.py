@@ -61,14 +61,40 @@ def test_fsdp_lora_matches_one_process_and_shards_the_parameters(setup):
     done = train(model, data, root / "fsdp", 2, "--fsdp", per_device_train_batch_size=2)
     assert_same_weights(adapter_weights(root / "fsdp"), adapter_weights(one), atol=1e-5)
     assert eval_loss(root / "fsdp") == pytest.approx(eval_loss(one), rel=1e-5)
-    shares, whole = re.search(r"FSDP2: parameter bytes per rank \[([\d ]+)\] of (\d+)", done.stdout).groups()
-    shares = [int(s) for s in shares.split()]
-    print(f"FSDP2, 2 ranks: parameter bytes per rank {shares} of {whole}")
-    assert len(shares) == 2 and all(abs(s - int(whole) / 2) <= 0.05 * int(whole) for s in shares)
+    assert_halved(done.stdout, "parameter bytes")
     checkpoint = root / "fsdp" / "checkpoint-3"
     assert (checkpoint / ".metadata").is_file() and (checkpoint / "__1_0.distcp").is_file()
     assert adapter_weights(checkpoint).keys() == adapter_weights(one).keys()  # the PEFT adapter, gathered
     assert not list(root.joinpath("fsdp").glob(".checkpoint-*"))  # temporary folders renamed
+
+
+def assert_halved(log: str, what: str) -> None:
+    """Each of the 2 ranks holds half (within 5%) of `what`, as the run log reports it."""
+    shares, whole = re.search(rf"{what} per rank \[([\d ]+)\] of (\d+)", log).groups()
+    shares, whole = [int(s) for s in shares.split()], int(whole)
+    print(f"FSDP2, 2 ranks: {what} per rank {shares} of {whole}")
+    assert len(shares) == 2 and all(abs(s - whole / 2) <= 0.05 * whole for s in shares)
+
+
+@pytest.mark.slow
+def test_fsdp_qlora_shards_the_4bit_base_and_matches_one_process(setup):
+    model, data, root, _ = setup
+    train(model, data, root / "qlora-one", per_device_train_batch_size=4, train_type="qlora")
+    done = train(model, data, root / "qlora-fsdp", 2, "--fsdp", per_device_train_batch_size=2, train_type="qlora")
+    assert_halved(done.stdout, "4-bit base bytes")
+    assert_same_weights(adapter_weights(root / "qlora-fsdp"), adapter_weights(root / "qlora-one"), atol=1e-5)
+    assert eval_loss(root / "qlora-fsdp") == pytest.approx(eval_loss(root / "qlora-one"), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_dora_matches_one_process(setup):
+    """DoRA's magnitude is a trainable vector per layer and its norm reads the whole (gathered) base weight."""
+    model, data, root, _ = setup
+    train(model, data, root / "dora-one", per_device_train_batch_size=4, train_type="dora")
+    train(model, data, root / "dora-fsdp", 2, "--fsdp", per_device_train_batch_size=2, train_type="dora")
+    dora = adapter_weights(root / "dora-fsdp")
+    assert any("lora_magnitude_vector" in key for key in dora)
+    assert_same_weights(dora, adapter_weights(root / "dora-one"), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -95,6 +121,94 @@ def test_fsdp_full_fine_tuning_with_gradient_checkpointing_trains(setup, tmp_pat
     base, tuned = AutoModelForCausalLM.from_pretrained(model), AutoModelForCausalLM.from_pretrained(out)
     assert base.state_dict().keys() == tuned.state_dict().keys()
     assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, tuned.model.layers[0].mlp.up_proj.weight)
+
+
+# --- FSDP2's loading: rank 0 loads, the other ranks get their shards --------------------------------
+
+
+def _load_on_rank_0(rank: int, folder: str) -> None:
+    """One of 2 gloo ranks: a 4-bit Llama with DoRA built on rank 0 and sharded; rank 1 writes what it holds."""
+    import torch.distributed as dist
+
+    from helpers import quantized_llama
+    from lorakit import LoraConfig, get_peft_model
+
+    devices = set()
+
+    def load():
+        assert rank == 0, "a rank other than 0 loaded the model"
+        return quantized_llama()[0]
+
+    def prepare(base):
+        devices.update(t.device.type for t in [*base.parameters(), *base.buffers()])
+        torch.manual_seed(0)
+        return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True))
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    try:
+        model = fsdp.built_on_main(load, prepare, rank)
+        fsdp.shard(distributed.StepModule(model, None), model, torch.device("cpu"), 2, rank, bf16=False)
+        held = {name: p.full_tensor() for name, p in model.named_parameters()}
+        if rank == 1:
+            torch.save({"devices": sorted(devices), "tensors": {**held, **dict(model.named_buffers())}},
+                       f"{folder}/rank1.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_other_ranks_never_load_and_get_rank_0s_weights(tmp_path):
+    from helpers import quantized_llama
+    from lorakit import LoraConfig, get_peft_model
+
+    torch.multiprocessing.spawn(_load_on_rank_0, args=(str(tmp_path),), nprocs=2)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank1["devices"] == ["meta"]  # what rank 1 prepared: rank 0's structure, no weights
+    base = quantized_llama()[0]
+    torch.manual_seed(0)
+    want = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True))
+    want = {**dict(want.named_parameters()), **dict(want.named_buffers())}
+    assert rank1["tensors"].keys() == want.keys()
+    assert any(name.endswith("weight_packed") for name in want) and any("magnitude" in name for name in want)
+    for name, tensor in want.items():
+        assert torch.equal(rank1["tensors"][name], tensor), name
+
+
+def test_nf4_storage_as_parameters_keeps_the_keys_and_the_output():
+    """What FSDP2 shards of a 4-bit layer: its uint8 codes and block scales, now frozen parameters."""
+    from helpers import LM_IDS, quantized_llama
+
+    model = quantized_llama()[0]
+    keys, before = model.state_dict().keys(), model(LM_IDS).logits
+    for layer in fsdp.nf4_layers(model):
+        layer.storage_as_parameters()
+    stored = {n: p for n, p in model.named_parameters() if n.endswith(("weight_packed", "weight_absmax"))}
+    assert len(stored) == 2 * len(fsdp.nf4_layers(model)) == 28
+    assert all(p.dtype == torch.uint8 and not p.requires_grad for p in stored.values())
+    assert model.state_dict().keys() == keys
+    assert torch.equal(model(LM_IDS).logits, before)
+
+
+def test_a_models_skeleton_keeps_its_structure_and_ties_but_no_data():
+    import pickle
+
+    from helpers import quantized_llama
+
+    model = quantized_llama()[0]
+    model.lm_head.weight = model.model.embed_tokens.weight
+    copy, state = pickle.loads(fsdp.skeleton(model)), model.state_dict()
+    assert copy.state_dict().keys() == state.keys()
+    assert all(t.is_meta and (t.shape, t.dtype) == (state[k].shape, state[k].dtype)
+               for k, t in copy.state_dict().items())
+    assert copy.lm_head.weight is copy.model.embed_tokens.weight
+    assert copy.model.layers[0].mlp.up_proj.offset == model.model.layers[0].mlp.up_proj.offset
+
+
+def test_a_model_that_does_not_pickle_is_refused_under_fsdp():
+    model = torch.nn.Linear(2, 2)
+    model.register_forward_hook(lambda *_: None)
+    with pytest.raises(TypeError, match=r"does not pickle .*without --fsdp"):
+        fsdp.skeleton(model)
 
 
 # --- bad setups, each refused with what would work -------------------------------------------------
