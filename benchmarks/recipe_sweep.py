@@ -48,7 +48,9 @@ SPLIT_SEED = 1234
 # Recipes: flags over lorakit's defaults ({} = the defaults as they are). Each group varies one thing.
 GROUPS = {
     "defaults": [{}],
-    "lr": [{"learning_rate": lr} for lr in (2e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3)],
+    "lr": [{"learning_rate": lr} for lr in (2e-4, 5e-4, 1e-3, 2e-3)],
+    "alpha_lr": [{"lora_alpha": a, "learning_rate": lr} for a, lr in ((8, 1e-3), (8, 2e-3), (8, 4e-3), (16, 1e-3),
+                                                                      (16, 2e-3))],
     "rank": [{"lora_rank": r} for r in (4, 16, 64)],
     "alpha": [{"lora_alpha": a} for a in (8, 16, 64)],
     "rslora": [{"use_rslora": True}],
@@ -58,7 +60,7 @@ GROUPS = {
     "dropout": [{"lora_dropout": d} for d in (0.0, 0.1)],
     "targets": [{"target_modules": ["query", "value"]}],
     "loraplus": [{"loraplus_lr_ratio": k} for k in (4.0, 16.0)],
-    "full": [{"train_type": "full", "learning_rate": lr} for lr in (None, 2e-5, 1e-4, 2e-4)],
+    "full": [{"train_type": "full", "learning_rate": lr} for lr in (None, 2e-5, 1e-4)],
     "methods": [{"train_type": t} for t in ("dora", "qlora")],
     "auto": [{"learning_rate": "auto"}, {"train_type": "full", "learning_rate": "auto"}],
 }
