@@ -394,7 +394,6 @@ def add_misfit_adapter(adapters: Path) -> None:
 
 
 # --- vision-language models -----------------------------------------------------------------------
-VLM_ARCHS = ("llava", "qwen2_vl")
 _QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 VLM_SPECIALS = {"llava": ["<image>"], "qwen2_vl": _QWEN_SPECIALS, "qwen2_5_vl": _QWEN_SPECIALS}
 _CONTENT = ("{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"

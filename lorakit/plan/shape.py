@@ -74,12 +74,21 @@ class Shape:
 
 
 def _vision_params(vision: dict, text_hidden: int, scale_factor: int) -> int:
-    """A ViT-style vision tower's parameters (patch embedding, positions, blocks) and its connector."""
-    h, i, n = vision["hidden_size"], vision["intermediate_size"], vision["num_hidden_layers"]
-    patch, size, channels = vision.get("patch_size", 14), vision.get("image_size", 384), vision.get("num_channels", 3)
+    """A ViT-style vision tower's parameters (patch embedding, positions, blocks) and its connector. Qwen2-VL's
+    (a spatial_merge_size) names its width embed_dim, its depth depth, its MLP mlp_ratio; it has no position
+    table (rotary), its patches span temporal_patch_size frames, and its merger is an MLP over merge² patches."""
+    h = vision.get("embed_dim") or vision["hidden_size"]
+    i = vision.get("intermediate_size") or vision.get("mlp_ratio", 4) * h
+    n = vision.get("num_hidden_layers") or vision["depth"]
+    patch, channels = vision.get("patch_size", 14), vision.get("num_channels") or vision.get("in_channels", 3)
     blocks = n * (4 * (h * h + h) + 2 * h * i + i + h + 4 * h)
-    embeddings = channels * patch * patch * h + h + (size // patch) ** 2 * h
-    connector = h * scale_factor ** 2 * text_hidden
+    if "spatial_merge_size" in vision:
+        merged = h * vision["spatial_merge_size"] ** 2
+        embeddings = channels * vision.get("temporal_patch_size", 1) * patch * patch * h
+        connector = merged * merged + merged * text_hidden
+    else:
+        embeddings = channels * patch * patch * h + h + (vision.get("image_size", 384) // patch) ** 2 * h
+        connector = h * scale_factor ** 2 * text_hidden
     return blocks + embeddings + 2 * h + connector
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from helpers import build_model
+from helpers import VLM_SPECIALS, build_model, build_vlm
 from live_bytes import Cell, measure_step
 from lorakit.cli import main
 from lorakit.cli.plan import parse_memory
@@ -42,6 +42,16 @@ def test_adapter_bytes_and_adam_state_equal_a_real_adapter(train_type, targets):
     optimizer.step()
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for k, t in s.items() if k != "step")
     assert optimizer_state(trainable_tensors(tiny_shape(), recipe), "adamw_torch") == state
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "qwen2_5_vl"])
+def test_vision_tower_and_connector_are_counted_within_ten_percent(arch):
+    model = build_vlm(arch, {token: 50 + k for k, token in enumerate(VLM_SPECIALS["llava"] + VLM_SPECIALS[arch])}, 96)
+    parts = [getattr(model.model, name) for name in ("visual", "vision_tower", "multi_modal_projector")
+             if hasattr(model.model, name)]
+    real = sum(p.numel() for part in parts for p in part.parameters())
+    planned = shape_from_config(json.loads(model.config.to_json_string())).vision_params
+    assert abs(planned - real) <= 0.1 * real
 
 
 def test_nf4_bytes_equal_lorakit_quant():
