@@ -51,6 +51,8 @@ GROUPS = {
     "lr": [{"learning_rate": lr} for lr in (2e-4, 5e-4, 1e-3, 2e-3)],
     "alpha_lr": [{"lora_alpha": a, "learning_rate": lr} for a, lr in ((8, 1e-3), (8, 2e-3), (8, 4e-3), (16, 1e-3),
                                                                       (16, 2e-3))],
+    "alpha16": [{"lora_alpha": 16, "learning_rate": lr} for lr in (5e-4, 1.5e-3)]
+    + [{"lora_alpha": 16, "learning_rate": 2e-3, "warmup_ratio": 0.1}],
     "rank": [{"lora_rank": r} for r in (4, 16, 64)],
     "alpha": [{"lora_alpha": a} for a in (8, 16, 64)],
     "rslora": [{"use_rslora": True}],
@@ -66,8 +68,22 @@ GROUPS = {
 }
 
 
-def key(task: str, recipe: dict, seed: int) -> str:
-    return json.dumps([task, {k: v for k, v in sorted(recipe.items()) if v is not None}, seed])
+def defaults_id() -> str:
+    """A short id of lorakit's defaults as they are now (the fields a recipe leaves unset and the learning-rate
+    rule): a recipe's runs under other defaults are kept apart."""
+    import hashlib
+    import inspect
+
+    from lorakit.train import prepare
+    from lorakit.train.args import TrainArgs
+
+    fields = {k: v for k, v in TrainArgs().to_dict().items() if k not in ("output_dir", "model", "dataset")}
+    text = json.dumps(fields, sort_keys=True, default=str) + inspect.getsource(prepare.default_learning_rate)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def key(task: str, recipe: dict, seed: int, defaults: str) -> str:
+    return json.dumps([task, {k: v for k, v in sorted(recipe.items()) if v is not None}, seed, defaults])
 
 
 def label_recipe(recipe: dict) -> str:
@@ -185,10 +201,10 @@ def launch(task: str, recipe: dict, seed: int, args) -> dict:
 
 
 def sweep(args) -> None:
-    done = stored(args.results)
+    done, defaults = stored(args.results), defaults_id()
     plan = [(task, recipe, seed) for group in args.groups for recipe in GROUPS[group]
             for task in args.tasks for seed in args.seeds]
-    plan = list({key(*p): p for p in plan if key(*p) not in done}.values())
+    plan = list({key(*p, defaults): p for p in plan if key(*p, defaults) not in done}.values())
     print(f"{len(plan)} runs to do ({len(done)} stored in {args.results})", flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
     for task in args.tasks:
@@ -196,7 +212,8 @@ def sweep(args) -> None:
 
     def one(item):
         task, recipe, seed = item
-        record = {"key": key(task, recipe, seed), "task": task, "recipe": recipe, "seed": seed,
+        record = {"key": key(task, recipe, seed, defaults), "task": task, "recipe": recipe, "seed": seed,
+                  "defaults": defaults,
                   **launch(task, recipe, seed, args)}
         with open(args.results, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -217,20 +234,23 @@ def mean_se(values: list[float]) -> str:
 
 def report(args) -> str:
     records = [r for r in stored(args.results).values() if "error" not in r]
-    recipes = {}
+    current, recipes = defaults_id(), {}
     for r in records:
-        recipes.setdefault(json.dumps({k: v for k, v in sorted(r["recipe"].items()) if v is not None}), []).append(r)
+        recipe = {k: v for k, v in sorted(r["recipe"].items()) if v is not None}
+        recipes.setdefault(json.dumps([recipe, r["defaults"]]), []).append(r)
     tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
     head = "| recipe | " + " | ".join(f"{t} val | {t} test | {t} s" for t in tasks) + " |"
     lines = [head, "|" + "---|" * (1 + 3 * len(tasks))]
-    for recipe, runs in recipes.items():
+    for name, runs in recipes.items():
+        recipe, defaults = json.loads(name)
         cells = []
         for t in tasks:
             mine = [r for r in runs if r["task"] == t]
             cells += [mean_se([r["val_accuracy"] for r in mine]), mean_se([r["test_accuracy"] for r in mine]),
                       f"{statistics.mean(r['wall_s'] for r in mine):.0f}" if mine else "-"]
         n = max(len([r for r in runs if r["task"] == t]) for t in tasks)
-        lines.append(f"| {label_recipe(json.loads(recipe))} (n={n}) | " + " | ".join(cells) + " |")
+        older = "" if defaults == current else f" [defaults {defaults}]"
+        lines.append(f"| {label_recipe(recipe)}{older} (n={n}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -88,7 +88,8 @@ class TrainArgs:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata=_help(
         "Module names (or all-linear) that get adapters.", alias="lora_target_modules"))
     lora_rank: int = field(default=8, metadata=_help("LoRA rank r."))
-    lora_alpha: int = field(default=32, metadata=_help("LoRA alpha; scaling is alpha / r."))
+    lora_alpha: Optional[int] = field(default=None, metadata=_help(
+        "LoRA alpha; scaling is alpha / r. Default: 2 x --lora_rank (scaling 2 at every rank)."))
     lora_dropout: float = field(default=0.05, metadata=_help("Dropout on the adapter input."))
     use_rslora: bool = field(default=False, metadata=_help("Scale by alpha / sqrt(r) (rsLoRA)."))
     use_dora: bool = field(default=False, metadata=_help(
@@ -121,9 +122,9 @@ class TrainArgs:
     num_train_epochs: float = field(default=3.0, metadata=_help("Epochs (ignored with --max_steps)."))
     max_steps: int = field(default=-1, metadata=_help("Optimiser steps; -1 = from epochs."))
     learning_rate: Union[float, str, None] = field(default=None, metadata=_help(
-        "Peak learning rate, or auto: a short learning-rate range test on the first batches picks it "
-        "(docs/training.md). Default: 1e-4 for LoRA SFT, 1e-3 for LoRA classification, "
-        "1e-5 / 5e-5 for full fine-tuning (SFT / classification)."))
+        "Peak learning rate, or auto: a short learning-rate range test on the first batches picks it. Default "
+        "(docs/training.md#defaults): SFT 2e-4 with adapters, 1e-5 in full; classification 2e-3 with adapters, "
+        "1e-4 in full, up to 100 optimiser steps, falling as 1/sqrt(steps) in longer runs."))
     loraplus_lr_ratio: Optional[float] = field(default=None, metadata=_help(
         "LoRA+: lora_B learns at learning_rate times this ratio (e.g. 16).", alias="lorap_lr_ratio"))
     optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
@@ -172,6 +173,8 @@ class TrainArgs:
     def __post_init__(self) -> None:
         problems = []
         self.learning_rate = _learning_rate(self.learning_rate, problems)
+        if self.lora_alpha is None:
+            self.lora_alpha = 2 * self.lora_rank
         if self.lora_rank < 1:
             problems.append(f"--lora_rank must be >= 1, got {self.lora_rank}")
         if not 0 <= self.lora_dropout < 1:

@@ -31,7 +31,15 @@ from lorakit.train.loss import batch_loss_sum
 from lorakit.train.metrics import METRICS_FILE, MetricsLog, append_event, plot_loss_curve
 from lorakit.train.model import part_counts, prepare_model, save_trained
 from lorakit.train.optim import build_optimizer
-from lorakit.train.prepare import PreparedData, describe_data, fit_max_length, prepare_data, resolve_args
+from lorakit.train.prepare import (
+    PreparedData,
+    describe_data,
+    fit_max_length,
+    prepare_data,
+    resolve_args,
+    steps_per_epoch,
+    total_steps,
+)
 from lorakit.train.resume import prepare_output_dir, resume_point, run_trajectory
 
 
@@ -188,8 +196,12 @@ def setup(args: TrainArgs, ctx: distributed.Dist) -> Run:
     tokenizer = load_tokenizer(model_path)
     args = fit_max_length(args, model_path, say)
     data = prepare_data(args, tokenizer)
-    args = resolve_args(args, data)
+    given_rate = args.learning_rate
+    args = resolve_args(args, data, ctx.world)
     say(describe_data(data, args))
+    if given_rate is None:
+        say(f"learning rate: {args.learning_rate:.2e}, lorakit's default for {args.train_type} {data.task} over "
+            f"{total_steps(args, len(data.train), ctx.world)} steps (docs/training.md#defaults)")
     bf16 = args.bf16 if args.bf16 is not None else precision.fast_bf16(ctx.device)
     say(f"precision: {'bf16 autocast, fp32 adapters' if bf16 else 'fp32'} on {precision.describe(ctx.device)}")
     if args.learning_rate == "auto" and args.resume:  # the rate the run picked, not a new test
@@ -201,15 +213,13 @@ def setup(args: TrainArgs, ctx: distributed.Dist) -> Run:
                               bf16)
     say(distributed.describe(model, ctx, bool(args.fsdp)))
     say(f"model: {model_path} ({args.train_type}), " + describe_parameters(model))
-    steps_per_epoch = math.ceil(len(data.train) / (args.per_device_train_batch_size * ctx.world
-                                                   * args.gradient_accumulation_steps))
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    run = Run(args, ctx, out, data, tokenizer, model, bf16, run_id, trajectory, steps_per_epoch, total_steps,
+    per_epoch, steps = steps_per_epoch(args, len(data.train), ctx.world), total_steps(args, len(data.train), ctx.world)
+    run = Run(args, ctx, out, data, tokenizer, model, bf16, run_id, trajectory, per_epoch, steps,
               model_path=model_path, engine=engine)
     if args.learning_rate == "auto":
         choose_learning_rate(run)
     run.optimizer = build_optimizer(model, run.args)
-    run.scheduler = build_scheduler(run.optimizer, run.args, total_steps)
+    run.scheduler = build_scheduler(run.optimizer, run.args, steps)
     if resume_from:
         restore(run, resume_from)
     return run
@@ -231,11 +241,11 @@ def build_model(args: TrainArgs, ctx: distributed.Dist, model_path: str, data: P
     return model
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, steps: int):
     from transformers import get_scheduler
 
-    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
-                         num_training_steps=total_steps)
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * steps),
+                         num_training_steps=steps)
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:

@@ -4,6 +4,7 @@ model's positions)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from lorakit import data as datasets_
@@ -23,10 +24,29 @@ class PreparedData:
     processor: object = None  # a vision-language model's processor (saved with the adapter)
 
 
-def default_learning_rate(train_type: str, task: str) -> float:
-    if train_type == "full":
-        return 5e-5 if task == "seq_cls" else 1e-5
-    return 1e-3 if task == "seq_cls" else 1e-4
+SHORT_RUN = 100  # optimiser steps up to which classification takes its peak default rate
+
+
+def default_learning_rate(train_type: str, task: str, steps: int) -> float:
+    """lorakit's default peak rate for a run of `steps` optimiser steps (docs/training.md#defaults, measured with
+    benchmarks/recipe_sweep.py). Classification: 2e-3 with adapters (at the default scaling alpha / r = 2),
+    1e-4 in full, up to SHORT_RUN steps, then falling as 1/sqrt(steps), the step size of a fixed-length run
+    (long runs at the short runs' rate collapsed to one class). SFT: 2e-4 with adapters, 1e-5 in full."""
+    if task != "seq_cls":
+        return 1e-5 if train_type == "full" else 2e-4
+    peak = 1e-4 if train_type == "full" else 2e-3
+    return peak * min(1.0, math.sqrt(SHORT_RUN / max(steps, 1)))
+
+
+def steps_per_epoch(args: TrainArgs, examples: int, processes: int) -> int:
+    return math.ceil(examples / (args.per_device_train_batch_size * processes * args.gradient_accumulation_steps))
+
+
+def total_steps(args: TrainArgs, examples: int, processes: int) -> int:
+    """Optimiser steps of the run: --max_steps, else epochs over the global batch."""
+    if args.max_steps > 0:
+        return args.max_steps
+    return math.ceil(args.num_train_epochs * steps_per_epoch(args, examples, processes))
 
 
 def prepare_data(args: TrainArgs, tokenizer) -> PreparedData:
@@ -71,12 +91,13 @@ def fit_max_length(args: TrainArgs, model_path: str, say) -> TrainArgs:
     return dataclasses.replace(args, max_length=limit[0])
 
 
-def resolve_args(args: TrainArgs, data: PreparedData) -> TrainArgs:
+def resolve_args(args: TrainArgs, data: PreparedData, processes: int) -> TrainArgs:
     """Fill the 'auto' fields with what this run actually uses (saved as run_config.yaml)."""
+    steps = total_steps(args, len(data.train), processes)
     return dataclasses.replace(
         args, task_type=data.task, dataset_format=data.fmt, labels=list(data.labels),
         learning_rate=(args.learning_rate if args.learning_rate is not None
-                       else default_learning_rate(args.train_type, data.task)))
+                       else default_learning_rate(args.train_type, data.task, steps)))
 
 
 def describe_data(data: PreparedData, args: TrainArgs) -> str:

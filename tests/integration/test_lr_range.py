@@ -1,5 +1,5 @@
-"""`--learning_rate auto`: the range test picks a rate, leaves no trace on the run that follows, and a resumed
-run keeps the rate it picked."""
+"""The learning rate: lorakit's default rule, and `--learning_rate auto` (the range test picks a rate, leaves no
+trace on the run that follows, and a resumed run keeps the rate it picked)."""
 import json
 
 import pytest
@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from helpers import assert_same_weights, quick_args
 from lorakit.train import loop, lr_range
 from lorakit.train.args import parse_train_args
+from lorakit.train.prepare import default_learning_rate
 
 
 def test_an_auto_run_is_the_run_with_the_picked_rate(tiny_lm_dir, alpaca_file, tmp_path, capsys):
@@ -51,3 +52,23 @@ def test_the_pick_is_the_minimum_over_the_divisor():
 def test_a_learning_rate_that_is_neither_a_positive_number_nor_auto_is_refused(value):
     with pytest.raises(ValueError, match="--learning_rate takes a positive number or auto"):
         parse_train_args([f"--learning_rate={value}"])
+
+
+def test_the_default_classification_rate_falls_as_one_over_root_steps_after_a_hundred():
+    for train_type, peak in (("lora", 2e-3), ("dora", 2e-3), ("qlora", 2e-3), ("full", 1e-4)):
+        assert default_learning_rate(train_type, "seq_cls", 30) == default_learning_rate(train_type, "seq_cls", 100)
+        assert default_learning_rate(train_type, "seq_cls", 100) == pytest.approx(peak)
+        assert default_learning_rate(train_type, "seq_cls", 400) == pytest.approx(peak / 2)
+    assert default_learning_rate("lora", "causal_lm", 5000) == 2e-4
+    assert default_learning_rate("full", "causal_lm", 5) == 1e-5
+
+
+def test_the_default_alpha_is_twice_the_rank_and_the_log_names_the_default_rate(tiny_lm_dir, alpaca_file, tmp_path,
+                                                                                  capsys):
+    assert parse_train_args(["--lora_rank", "64"]).lora_alpha == 128
+    assert parse_train_args(["--lora_rank", "64", "--lora_alpha", "16"]).lora_alpha == 16
+    flags = [f for f in quick_args(tiny_lm_dir, alpaca_file, tmp_path / "run") if f not in ("--learning_rate", "0.01")]
+    loop.train(parse_train_args(flags))
+    config = yaml.safe_load((tmp_path / "run" / "run_config.yaml").read_text())
+    assert config["learning_rate"] == 2e-4
+    assert "learning rate: 2.00e-04, lorakit's default for lora causal_lm over 6 steps" in capsys.readouterr().out
