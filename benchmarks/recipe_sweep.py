@@ -63,8 +63,10 @@ GROUPS = {
     "targets": [{"target_modules": ["query", "value"]}],
     "loraplus": [{"loraplus_lr_ratio": k} for k in (4.0, 16.0)],
     "full": [{"train_type": "full", "learning_rate": lr} for lr in (None, 2e-5, 1e-4)],
+    "full_default": [{"train_type": "full"}],
     "methods": [{"train_type": t} for t in ("dora", "qlora")],
-    "auto": [{"learning_rate": "auto"}, {"train_type": "full", "learning_rate": "auto"}],
+    "auto": [{"learning_rate": "auto"}],
+    "full_auto": [{"train_type": "full", "learning_rate": "auto"}],
 }
 
 
@@ -237,7 +239,7 @@ def report(args) -> str:
     current, recipes = defaults_id(), {}
     for r in records:
         recipe = {k: v for k, v in sorted(r["recipe"].items()) if v is not None}
-        recipes.setdefault(json.dumps([recipe, r["defaults"]]), []).append(r)
+        recipes.setdefault(json.dumps([recipe, r.get("defaults", "unrecorded")]), []).append(r)
     tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
     head = "| recipe | " + " | ".join(f"{t} val | {t} test | {t} s" for t in tasks) + " |"
     lines = [head, "|" + "---|" * (1 + 3 * len(tasks))]
