@@ -84,8 +84,16 @@ def defaults_id() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+def divisor(recipe: dict) -> float | None:
+    """The range test's divisor, for a `--learning_rate auto` recipe (part of its key: the flags do not name it)."""
+    from lorakit.train import lr_range
+
+    return lr_range.DIVISOR if recipe.get("learning_rate") == "auto" else None
+
+
 def key(task: str, recipe: dict, seed: int, defaults: str) -> str:
-    return json.dumps([task, {k: v for k, v in sorted(recipe.items()) if v is not None}, seed, defaults])
+    fields = [task, {k: v for k, v in sorted(recipe.items()) if v is not None}, seed, defaults]
+    return json.dumps(fields + ([divisor(recipe)] if divisor(recipe) else []))
 
 
 def label_recipe(recipe: dict) -> str:
@@ -215,7 +223,7 @@ def sweep(args) -> None:
     def one(item):
         task, recipe, seed = item
         record = {"key": key(task, recipe, seed, defaults), "task": task, "recipe": recipe, "seed": seed,
-                  "defaults": defaults,
+                  "defaults": defaults, "divisor": divisor(recipe),
                   **launch(task, recipe, seed, args)}
         with open(args.results, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -239,6 +247,8 @@ def report(args) -> str:
     current, recipes = defaults_id(), {}
     for r in records:
         recipe = {k: v for k, v in sorted(r["recipe"].items()) if v is not None}
+        if r["recipe"].get("learning_rate") == "auto":
+            recipe["range test divisor"] = r.get("divisor", 10.0)  # runs before it was recorded used 10
         recipes.setdefault(json.dumps([recipe, r.get("defaults", "unrecorded")]), []).append(r)
     tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
     head = "| recipe | " + " | ".join(f"{t} val | {t} test | {t} s" for t in tasks) + " |"

@@ -21,7 +21,7 @@ from lorakit.train.optim import build_optimizer, param_groups
 RANGES = {"full": (1e-7, 1e-2), "adapter": (1e-6, 1e-1)}  # Adam rates: full fine-tuning, adapters
 MAX_STEPS = 100
 MIN_STEPS = 30
-DIVISOR = 10.0
+DIVISOR = 4.0
 SMOOTHING = 0.9  # exponential moving average of the loss, bias-corrected
 BLOW_UP = 4.0  # stop once the smoothed loss passes this multiple of its minimum
 
