@@ -173,21 +173,12 @@ def resolved_lr(out: Path):
 
 def test_accuracy(out: Path, test_file: Path) -> float:
     """Accuracy of the trained adapter (or model) in `out` on the test rows, at the training max_length."""
-    import torch
+    from extract_sst2 import accuracy
 
     from lorakit.cli.infer import InferArgs, load_for_inference
 
     model, tokenizer, labels = load_for_inference(InferArgs(adapter=str(out)))
-    rows = read_jsonl(test_file)
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(rows), 64):
-            chunk = rows[start:start + 64]
-            batch = tokenizer([r["text"] for r in chunk], padding=True, truncation=True, max_length=MAX_LENGTH,
-                              return_tensors="pt")
-            predicted = model(**batch).logits.argmax(-1).tolist()
-            correct += sum(labels[p] == r["label"] for p, r in zip(predicted, chunk))
-    return correct / len(rows)
+    return accuracy(model, tokenizer, read_jsonl(test_file), labels, max_length=MAX_LENGTH)
 
 
 # ---- the sweep ----------------------------------------------------------------------------------------

@@ -199,9 +199,10 @@ def setup(args: TrainArgs, ctx: distributed.Dist) -> Run:
     given_rate = args.learning_rate
     args = resolve_args(args, data, ctx.world)
     say(describe_data(data, args))
+    per_epoch, steps = steps_per_epoch(args, len(data.train), ctx.world), total_steps(args, len(data.train), ctx.world)
     if given_rate is None:
         say(f"learning rate: {args.learning_rate:.2e}, lorakit's default for {args.train_type} {data.task} over "
-            f"{total_steps(args, len(data.train), ctx.world)} steps (docs/training.md#defaults)")
+            f"{steps} steps (docs/training.md#defaults)")
     bf16 = args.bf16 if args.bf16 is not None else precision.fast_bf16(ctx.device)
     say(f"precision: {'bf16 autocast, fp32 adapters' if bf16 else 'fp32'} on {precision.describe(ctx.device)}")
     if args.learning_rate == "auto" and args.resume:  # the rate the run picked, not a new test
@@ -213,7 +214,6 @@ def setup(args: TrainArgs, ctx: distributed.Dist) -> Run:
                               bf16)
     say(distributed.describe(model, ctx, bool(args.fsdp)))
     say(f"model: {model_path} ({args.train_type}), " + describe_parameters(model))
-    per_epoch, steps = steps_per_epoch(args, len(data.train), ctx.world), total_steps(args, len(data.train), ctx.world)
     run = Run(args, ctx, out, data, tokenizer, model, bf16, run_id, trajectory, per_epoch, steps,
               model_path=model_path, engine=engine)
     if args.learning_rate == "auto":
