@@ -48,6 +48,7 @@ SPLIT_SEED = 1234
 # Recipes: flags over lorakit's defaults ({} = the defaults as they are). Each group varies one thing.
 GROUPS = {
     "defaults": [{}],
+    "old_defaults": [{"lora_alpha": 32, "learning_rate": 1e-3}],  # lorakit's LoRA defaults before this sweep
     "lr": [{"learning_rate": lr} for lr in (2e-4, 5e-4, 1e-3, 2e-3)],
     "alpha_lr": [{"lora_alpha": a, "learning_rate": lr} for a, lr in ((8, 1e-3), (8, 2e-3), (8, 4e-3), (16, 1e-3),
                                                                       (16, 2e-3))],
