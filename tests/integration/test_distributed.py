@@ -109,6 +109,18 @@ def test_fsdp_checkpoint_saved_on_two_ranks_resumes_on_one(setup):
 
 
 @pytest.mark.slow
+def test_fsdp_qlora_checkpoint_saved_on_one_rank_resumes_on_two(setup):
+    """The 4-bit base's packed codes are frozen parameters under FSDP2 but are not checkpointed: a one-rank
+    checkpoint reshards onto two, and the continuation equals the uninterrupted one-rank run."""
+    model, data, root, _ = setup
+    train(model, data, root / "qlora-fsdp-one", 1, "--fsdp", per_device_train_batch_size=4, train_type="qlora")
+    done = train(model, data, root / "qlora-resumed", 2, "--fsdp", per_device_train_batch_size=2, train_type="qlora",
+                 resume=str(root / "qlora-fsdp-one" / "checkpoint-3"))
+    assert "resumed from" in done.stdout and "at step 3 of 7" in done.stdout
+    assert_same_weights(adapter_weights(root / "qlora-resumed"), adapter_weights(root / "qlora-fsdp-one"), atol=1e-5)
+
+
+@pytest.mark.slow
 def test_fsdp_full_fine_tuning_with_gradient_checkpointing_trains(setup, tmp_path):
     from transformers import AutoModelForCausalLM
 
