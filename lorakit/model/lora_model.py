@@ -15,6 +15,7 @@ from lorakit.model import combine
 from lorakit.model.targeting import (
     all_linear_names,
     is_adapter_internal,
+    is_all_linear,
     is_bias,
     name_matches,
     pattern_value,
@@ -93,7 +94,7 @@ class LoraModel(nn.Module):
                     f"pass target_modules (e.g. 'all-linear' or some of {targetable_names(self.model)})"
                 )
             config.target_modules = list(defaults)
-        if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        if is_all_linear(config.target_modules):
             config.target_modules = all_linear_names(self.model, config)
         if config.task_type == TaskType.SEQ_CLS.value:
             extra = [h for h in SEQ_CLS_HEADS if h not in (config.modules_to_save or [])]

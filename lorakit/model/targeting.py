@@ -53,6 +53,11 @@ def is_bias(name: str) -> bool:
     return name == "bias" or name.endswith(".bias")
 
 
+def is_all_linear(targets) -> bool:
+    """Whether target_modules is PEFT's 'all-linear' shorthand (any case)."""
+    return isinstance(targets, str) and targets.lower() == "all-linear"
+
+
 def all_linear_names(model: nn.Module, config: LoraConfig) -> list[str]:
     """'all-linear': every Linear / Conv1D except the output head (as PEFT expands it)."""
     names = {n for n, m in model.named_modules()
@@ -120,8 +125,7 @@ def vlm_targets(model: nn.Module, config: LoraConfig, frozen: set[str]) -> list[
     if parts is None:
         raise ValueError(f"{type(model).__name__} is not a vision-language model lorakit knows the parts of")
     targets = config.target_modules
-    all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
-    names = all_linear_names(model, config) if all_linear else resolve_targets(model, config)
+    names = all_linear_names(model, config) if is_all_linear(targets) else resolve_targets(model, config)
     kept = [n for n in names if vlm_part(n, parts) not in (frozen | {None})]
     if not kept:
         open_parts = ", ".join(p for p in VLM_PART_NAMES if p not in frozen) or "none"

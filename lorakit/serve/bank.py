@@ -22,7 +22,7 @@ from lorakit.families import family
 from lorakit.lora.dora import weight_norm
 from lorakit.lora.layers import WrapsBase, dense_weight, is_conv1d
 from lorakit.model.adapter_files import LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, read_adapter_file
-from lorakit.model.targeting import layer_index_ok, name_matches, pattern_value
+from lorakit.model.targeting import is_all_linear, layer_index_ok, name_matches, pattern_value
 from lorakit.modules import replace_module
 from lorakit.quant.linear4bit import NF4Linear
 
@@ -260,7 +260,7 @@ def _check_targets(folder: str, config: LoraConfig, model: nn.Module, paths: lis
     targets = config.target_modules
     if targets is None:
         targets = list(family(model).default_targets)
-    if isinstance(targets, str) and targets.lower() == "all-linear":
+    if is_all_linear(targets):
         return  # every Linear and Conv1D: _module_adapter checks the layer types
     if not any(name_matches(name, targets) for name, _ in model.named_modules() if name):
         raise ValueError(f"{folder}: target_modules={targets!r} in {CONFIG_NAME} match no module of "

@@ -17,7 +17,7 @@ from lorakit.io import files
 from lorakit.io.checkpoint4bit import model_key
 from lorakit.lora.layers import is_conv1d
 from lorakit.model.adapter_files import PREFIX, WEIGHTS_NAME
-from lorakit.model.targeting import all_linear_names, name_matches, resolve_targets
+from lorakit.model.targeting import all_linear_names, is_all_linear, name_matches, resolve_targets
 from lorakit.tools.shards import Checkpoint
 from lorakit.tools.svd import relative_error, truncated_factors
 
@@ -83,7 +83,7 @@ def extract_adapter(base: str, tuned: str, output_dir: str | os.PathLike, rank: 
 
 def extraction_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Paths of the Linear / Conv1D / Embedding layers to extract: all linear layers but the head, or those named."""
-    if config.target_modules == "all-linear":
+    if is_all_linear(config.target_modules):
         saved = config.modules_to_save or []
         return [n for n in all_linear_names(model, config) if not any(name_matches(p, saved) for p in _owners(n))]
     targets = resolve_targets(model, config)

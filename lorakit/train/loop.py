@@ -35,6 +35,7 @@ from lorakit.train.prepare import (
     PreparedData,
     describe_data,
     fit_max_length,
+    global_batch_size,
     prepare_data,
     resolve_args,
     steps_per_epoch,
@@ -158,7 +159,7 @@ class Run:
 
     @property
     def global_size(self) -> int:
-        return self.args.per_device_train_batch_size * self.ctx.world * self.args.gradient_accumulation_steps
+        return global_batch_size(self.args, self.ctx.world)
 
     def say(self, *text, **kw) -> None:
         if self.ctx.is_main:

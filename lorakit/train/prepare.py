@@ -38,8 +38,13 @@ def default_learning_rate(train_type: str, task: str, steps: int) -> float:
     return peak * min(1.0, math.sqrt(SHORT_RUN / max(steps, 1)))
 
 
+def global_batch_size(args: TrainArgs, processes: int) -> int:
+    """Examples per optimiser step over all processes and micro-batches."""
+    return args.per_device_train_batch_size * processes * args.gradient_accumulation_steps
+
+
 def steps_per_epoch(args: TrainArgs, examples: int, processes: int) -> int:
-    return math.ceil(examples / (args.per_device_train_batch_size * processes * args.gradient_accumulation_steps))
+    return math.ceil(examples / global_batch_size(args, processes))
 
 
 def total_steps(args: TrainArgs, examples: int, processes: int) -> int:

@@ -120,3 +120,12 @@ def test_gpu_memory_sizes(text, value):
 def test_bad_gpu_memory_is_a_clear_error(text, capsys):
     assert main(["plan", "--model", "Qwen/Qwen3-8B", "--gpu_memory", text]) == 2
     assert "expected a size such as 24GiB" in capsys.readouterr().err
+
+
+def test_plan_knows_every_optimiser_train_accepts():
+    import typing
+
+    from lorakit.plan.estimate import OPTIMIZERS
+    from lorakit.train.args import TrainArgs
+
+    assert set(OPTIMIZERS) == set(typing.get_args(typing.get_type_hints(TrainArgs)["optim"]))
