@@ -90,10 +90,9 @@ def read_json(path: Path):
 
 def trained_system(adapter: Optional[str]) -> Optional[str]:
     """The --system an adapter was trained with (from its run_config.yaml), if any."""
-    import yaml
+    from lorakit.model.adapter_files import read_run_config
 
-    config = Path(adapter) / "run_config.yaml" if adapter else None
-    return (yaml.safe_load(config.read_text()) or {}).get("system") if config and config.is_file() else None
+    return read_run_config(adapter).get("system") if adapter else None
 
 
 def load_for_inference(args: InferArgs):

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
@@ -255,3 +256,20 @@ def load_adapter_weights(lora_model: LoraModel, adapter_name: str, tensors: dict
         for key, tensor in tensors.items():
             slots[key].copy_(tensor.to(slots[key].dtype))
 
+
+
+def read_run_config(directory: str | os.PathLike) -> dict:
+    """The run_config.yaml `lorakit train` writes beside an adapter ({} when there is none); a file that is not
+    a YAML mapping is refused, naming it."""
+    import yaml
+
+    path = Path(directory) / "run_config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err}); fix it or remove it (it only records the run)") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of flag: value, got {type(values).__name__}")
+    return values

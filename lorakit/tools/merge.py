@@ -18,6 +18,7 @@ from torch import nn
 from lorakit.families import SEQ_CLS_HEADS
 from lorakit.io.checkpoint4bit import model_key, nf4_layer_names
 from lorakit.io.files import require_new_dir, staged_dir, write_text
+from lorakit.model.adapter_files import read_run_config
 from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
 from lorakit.tools.adapter import Adapter, adapter_from, read_adapter
 from lorakit.tools.fit import NAME, check_fits, extra_param_name, find_module, lora_layer, skeleton, tie_groups
@@ -163,12 +164,7 @@ def base_folder(base: str | None, adapter_dir: str) -> str:
 
 def trained_4bit(adapter_dir: Path) -> bool:
     """Whether `lorakit train` trained this adapter on a 4-bit base (its run_config.yaml says so)."""
-    run = adapter_dir / "run_config.yaml"
-    if not run.is_file():
-        return False
-    import yaml
-
-    args = yaml.safe_load(run.read_text(encoding="utf-8")) or {}
+    args = read_run_config(adapter_dir)
     return args.get("train_type") == "qlora" or args.get("quant_bits") == 4
 
 

@@ -221,3 +221,18 @@ def test_load_only_inits_are_refused_for_new_adapters(init):
     model = get_peft_model(build_model("llama"), LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=rf"init_lora_weights='{init}'"):
         model.add_adapter("other", LoraConfig(init_lora_weights=init, target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize("text, problem", [("system: [unclosed", "not valid YAML"),
+                                           ("- a list", "expected a mapping")])
+def test_a_broken_run_config_is_named(tmp_path, text, problem):
+    from lorakit.cli.infer import trained_system
+    from lorakit.tools.merge import trained_4bit
+
+    (tmp_path / "run_config.yaml").write_text(text)
+    for read in (trained_system, trained_4bit):
+        with pytest.raises(ValueError, match=problem) as err:
+            read(tmp_path)
+        assert "run_config.yaml" in str(err.value)
+    (tmp_path / "run_config.yaml").write_text("system: Be brief.\ntrain_type: qlora\n")
+    assert trained_system(tmp_path) == "Be brief." and trained_4bit(tmp_path)
