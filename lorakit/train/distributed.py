@@ -20,19 +20,25 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    own_group: bool = False  # a one-process group set up here for --fsdp (torchrun sets up the others)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def setup() -> Dist:
-    """Join the torchrun process group (nccl on GPU, gloo on CPU), or run alone."""
+def setup(sharded: bool = False) -> Dist:
+    """Join the torchrun process group (nccl on GPU, gloo on CPU), or run alone: under --fsdp (`sharded`) in a
+    group of one, so that one process runs FSDP2's code path too."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if world == 1:
-        return Dist(device=device)
+        if not sharded or dist.is_initialized():
+            return Dist(device=device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, device_id=device if device.type == "cuda" else None)
+        return Dist(device=device, own_group=True)
     if device.type == "cuda" and local_rank >= torch.cuda.device_count():
         raise ValueError(f"torchrun started more processes per node than the {torch.cuda.device_count()} "
                          "visible GPU(s); use --nproc_per_node <= the GPU count, or CUDA_VISIBLE_DEVICES= "
@@ -45,7 +51,7 @@ def setup() -> Dist:
 
 
 def teardown(ctx: Dist) -> None:
-    if ctx.world > 1 and dist.is_initialized():
+    if (ctx.world > 1 or ctx.own_group) and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -66,22 +72,23 @@ def build(load: Callable[[], nn.Module], prepare: Callable[[nn.Module], nn.Modul
           sharded: bool) -> nn.Module:
     """This rank's model: prepare(load()) (load the base on the CPU, attach adapters). Under FSDP2 with several
     ranks only rank 0 loads it; the others prepare its structure with empty tensors (fsdp.built_on_main), and
-    wrap() shards the model, moving it to the device block by block, and fills their shards. Else the model is
-    moved to the device here."""
+    wrap() shards the model (with one rank too), moving it to the device block by block, and fills their shards.
+    Without FSDP the model is moved to the device here."""
     if sharded and ctx.world > 1:
         return fsdp.built_on_main(load, prepare, ctx.rank)
-    return prepare(load()).to(ctx.device)
+    model = prepare(load())
+    return model if sharded else model.to(ctx.device)
 
 
 def wrap(model: nn.Module, loss: Callable, ctx: Dist, sharded: bool, bf16: bool) -> nn.Module:
-    """The module that runs a step: FSDP2-sharded (`sharded`, more than one process), in DDP (more than one
+    """The module that runs a step: FSDP2-sharded (`sharded`, one process or more), in DDP (more than one
     process), or as is. DDP registers only trainable parameters; a parameter a batch leaves unused (a
     vision tower on text rows, an idle expert) is reduced as zero, as one process would have it."""
     step = StepModule(model, loss)
-    if ctx.world == 1:
-        return step
     if sharded:
         fsdp.shard(step, model, ctx.device, ctx.world, ctx.rank, bf16)
+        return step
+    if ctx.world == 1:
         return step
     return nn.parallel.DistributedDataParallel(step, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
                                                find_unused_parameters=True, broadcast_buffers=False)
@@ -133,8 +140,8 @@ def barrier(ctx: Dist) -> None:
 def describe(model: nn.Module, ctx: Dist, sharded: bool) -> str:
     """How the run spreads over processes (FSDP: each rank's measured share of the parameter bytes, and of a
     4-bit base's storage)."""
-    if ctx.world == 1:
-        return "processes: 1" + (" (--fsdp: nothing to shard; checkpoints are still sharded-format)" if sharded else "")
+    if ctx.world == 1 and not sharded:
+        return "processes: 1"
     if not sharded:
         return f"processes: {ctx.world}, data parallel (DDP): every rank holds the whole model"
     line = f"processes: {ctx.world}, FSDP2: " + _shares("parameter bytes", model.parameters(), ctx)

@@ -123,7 +123,7 @@ def evaluate(model, items: list[Encoded], args: TrainArgs, pad_id: int, ctx: dis
 
 def train(args: TrainArgs) -> dict:
     """Run one training job; returns the final metrics (also written to final_metrics.json)."""
-    ctx = distributed.setup()
+    ctx = distributed.setup(sharded=bool(args.fsdp))
     try:
         return _train(args, ctx)
     finally:

@@ -68,6 +68,16 @@ def test_fsdp_lora_matches_one_process_and_shards_the_parameters(setup):
     assert not list(root.joinpath("fsdp").glob(".checkpoint-*"))  # temporary folders renamed
 
 
+@pytest.mark.slow
+def test_fsdp_on_one_process_runs_fsdp2_and_matches_the_plain_run(setup):
+    """--fsdp without torchrun: a group of one, the same FSDP2 code path (units, DCP checkpoints) as several ranks."""
+    model, data, root, one = setup
+    done = train(model, data, root / "fsdp-one", 1, "--fsdp", per_device_train_batch_size=4)
+    assert re.search(r"processes: 1, FSDP2: parameter bytes per rank \[(\d+)\] of \1\b", done.stdout), done.stdout
+    assert (root / "fsdp-one" / "checkpoint-3" / ".metadata").is_file()
+    assert_same_weights(adapter_weights(root / "fsdp-one"), adapter_weights(one), atol=1e-5)
+
+
 def assert_halved(log: str, what: str) -> None:
     """Each of the 2 ranks holds half (within 5%) of `what`, as the run log reports it."""
     shares, whole = re.search(rf"{what} per rank \[([\d ]+)\] of (\d+)", log).groups()
