@@ -116,3 +116,24 @@ def test_qlora_train_on_cuda(tiny_lm_dir, alpaca_file, tmp_path):
                                           "--learning_rate", "3e-2", "--val_split_ratio", "0.25",
                                           "--report_to", "none"]))
     assert result["eval_loss"] < 0.8 * result["before_eval_loss"]
+
+
+@pytest.mark.parametrize("train_type", ["lora", "qlora"])
+def test_fsdp_on_one_gpu_trains_checkpoints_and_resumes(tiny_lm_dir, alpaca_file, tmp_path, train_type):
+    """--fsdp on one GPU: FSDP2 over nccl in a group of one, bf16 compute, the NF4 codes as sharded parameters,
+    DCP checkpoints; resuming from step 10 ends where the uninterrupted run ends."""
+    from helpers import adapter_weights, assert_same_weights
+    from lorakit.train import loop
+    from lorakit.train.args import parse_train_args
+
+    def run(out, *extra):
+        return loop.train(parse_train_args(["--model", tiny_lm_dir, "--dataset", alpaca_file, "--output_dir",
+                                            str(out), "--train_type", train_type, "--fsdp", "--max_steps", "20",
+                                            "--save_steps", "10", "--learning_rate", "3e-2", "--lora_dropout", "0",
+                                            "--val_split_ratio", "0.25", "--report_to", "none", *extra]))
+
+    result = run(tmp_path / "whole")
+    assert result["eval_loss"] < 0.8 * result["before_eval_loss"]
+    assert (tmp_path / "whole" / "checkpoint-10" / ".metadata").is_file()
+    run(tmp_path / "resumed", "--resume", str(tmp_path / "whole" / "checkpoint-10"))
+    assert_same_weights(adapter_weights(tmp_path / "resumed"), adapter_weights(tmp_path / "whole"), atol=1e-3)
