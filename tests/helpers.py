@@ -371,12 +371,13 @@ def serve_folders(root, adapters: dict[str, int]) -> tuple[str, Path]:
 
 @contextmanager
 def running_server(base, adapters, **options):
-    """(url, service) of `lorakit serve` for `base` and the `adapters` folder, on loopback in a thread;
+    """(url, service) of `lorakit serve` for `base` and the `adapters` folder (or None), on loopback in a thread;
     in float32 unless options say otherwise, so answers compare with fp32 references on any CPU."""
     from lorakit.serve.app import create_app
     from lorakit.serve.server import ServeArgs, build_service, serve_in_thread
 
-    service = build_service(ServeArgs(model=base, adapters=str(adapters), **{"torch_dtype": "float32", **options}))
+    folder = str(adapters) if adapters is not None else None
+    service = build_service(ServeArgs(model=base, adapters=folder, **{"torch_dtype": "float32", **options}))
     with serve_in_thread(create_app(service)) as url:
         yield url, service
 

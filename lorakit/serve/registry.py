@@ -52,14 +52,15 @@ class Registered:
 
 
 class AdapterRegistry:
-    """Adapter folders under `root` and registered names, loaded into `bank` on demand with
-    least-recently-used eviction. `stats` counts cache hits, loads and evictions."""
+    """Adapter folders under `root` (None: no adapters directory, registered names only) and registered names,
+    loaded into `bank` on demand with least-recently-used eviction. `stats` counts cache hits, loads and
+    evictions."""
 
-    def __init__(self, bank, root: str | os.PathLike, max_loaded: int, allow_outside: bool = False):
+    def __init__(self, bank, root: str | os.PathLike | None, max_loaded: int, allow_outside: bool = False):
         if max_loaded < 1:
             raise ValueError(f"max_loaded_adapters must be >= 1, got {max_loaded}")
-        self.root = Path(root).resolve()
-        if not self.root.is_dir():
+        self.root = Path(root).resolve() if root is not None else None
+        if self.root is not None and not self.root.is_dir():
             raise FileNotFoundError(f"adapters folder not found: {root}")
         self.bank = bank
         self.max_loaded = max_loaded
@@ -78,6 +79,9 @@ class AdapterRegistry:
             entry = self._registered.get(name)
         if entry is not None:
             return entry.folder
+        if self.root is None:
+            raise UnknownAdapter(f"model {name!r} not found: this server serves the base model and the adapters "
+                                 "registered by name only (it has no adapters folder)")
         if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
             raise UnknownAdapter(f"model {name!r} not found: adapter names are plain folder names "
                                  "(no '/', '\\' or '..')")
@@ -128,6 +132,8 @@ class AdapterRegistry:
 
     def relative(self, message: str) -> str:
         """`message` with the adapters folder's path cut out: answers show no server paths."""
+        if self.root is None:
+            return message
         return message.replace(f"{self.root}{os.sep}", "").replace(str(self.root), ".")
 
     def names(self) -> list[str]:
@@ -137,7 +143,7 @@ class AdapterRegistry:
         with self._lock:
             registered = list(self._registered)
         found = []
-        for entry in sorted(os.listdir(self.root)):
+        for entry in sorted(os.listdir(self.root)) if self.root is not None else ():
             try:
                 self.check(entry)
             except (UnknownAdapter, ValueError, OSError) as err:
@@ -186,7 +192,7 @@ class AdapterRegistry:
 
     def _is_folder(self, name: str) -> bool:
         """Whether `name` is a plain name that a folder of the adapters directory has."""
-        if name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+        if self.root is None or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
             return False
         try:
             return (self.root / name).is_dir()
@@ -195,7 +201,10 @@ class AdapterRegistry:
 
     def registered_folder(self, path: str | os.PathLike, trusted: bool) -> Path:
         """The adapter folder a registration names, resolved; PathNotAllowed or UnknownAdapter."""
-        folder = (self.root / path).resolve()  # an absolute path stays as it is
+        folder = (self.root / path if self.root is not None else Path(path)).resolve()  # absolute stays as is
+        if not (trusted or self.allow_outside) and self.root is None:
+            raise PathNotAllowed("this server has no adapters folder, and it loads adapters from other folders "
+                                 "only when started with --allow_adapter_paths_outside")
         if not (trusted or self.allow_outside):
             for part in (folder, folder / CONFIG_NAME, folder / WEIGHTS_NAME):
                 if not _inside(part.resolve(), self.root):

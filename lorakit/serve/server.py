@@ -18,9 +18,10 @@ API_KEY_ENV = "LORAKIT_API_KEY"
 @dataclass
 class ServeArgs:
     model: str = field(metadata={"help": "Base model: a transformers causal LM folder (or a cached hub id)."})
-    adapters: str = field(metadata={"help": (
+    adapters: Optional[str] = field(default=None, metadata={"help": (
         "Folder of PEFT adapter folders; each subfolder's name is a model name clients can ask for. "
-        "Folders added later are served without a restart.")})
+        "Folders added later are served without a restart. Without it, only the base model and the "
+        "--lora_modules adapters (and, with --enable_adapter_api, adapters loaded by name) are served.")})
     host: str = field(default="127.0.0.1", metadata={"help": (
         "Address to listen on; set --api_key before listening beyond this machine.")})
     port: int = 8000
@@ -75,7 +76,7 @@ class ServeArgs:
             raise ValueError(f"--batch_window_ms must be >= 0, got {self.batch_window_ms}")
         if self.body_timeout_s <= 0:
             raise ValueError(f"--body_timeout_s must be > 0, got {self.body_timeout_s}")
-        if not Path(self.adapters).is_dir():
+        if self.adapters is not None and not Path(self.adapters).is_dir():
             raise FileNotFoundError(f"--adapters folder not found: {self.adapters}")
         if self.scheduling not in ("continuous", "static"):
             raise ValueError(f"--scheduling must be continuous or static, got {self.scheduling!r}")
@@ -179,7 +180,8 @@ def run_server(args: ServeArgs) -> None:
     from lorakit.serve.app import create_app
 
     service = build_service(args)
-    print(f"lorakit serve: base model {service.base_name!r}, adapters from {args.adapters}, "
+    source = f"adapters from {args.adapters}" if args.adapters else f"{len(args.lora_modules)} adapter(s) by name"
+    print(f"lorakit serve: base model {service.base_name!r}, {source}, "
           f"http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
 

@@ -191,6 +191,23 @@ def test_lora_modules_serve_folders_from_anywhere_at_start_up(plain_server, setu
     assert plain_server[1].batcher.registry.allow_outside
 
 
+def test_lora_modules_alone_serve_without_an_adapters_folder(setup):
+    """vLLM's start-up: --lora_modules without --adapters serves the base and the named adapters; with no folder
+    to keep loads inside, loading by path over the API is refused unless paths outside are allowed."""
+    from lorakit.serve.server import parse_serve_args
+
+    root, base, _ = setup
+    assert parse_serve_args(["--model", base, "--lora-modules", f"gamma={root / 'gamma'}"]).adapters is None
+    with running_server(base, None, lora_modules=[f"gamma={root / 'gamma'}"], enable_adapter_api=True) as running:
+        client = openai.OpenAI(base_url=running[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["tiny-llama", "gamma"]
+        assert complete(client, "gamma") == greedy_alone(base, root / "gamma")
+        with pytest.raises(openai.NotFoundError, match="no adapters folder"):
+            complete(client, "alpha")
+        reply = post(running, "/v1/load_lora_adapter", {"lora_name": "g", "lora_path": str(root / "gamma")}, {})
+        assert reply.status_code == 400 and "--allow_adapter_paths_outside" in reply.json()["error"]["message"]
+
+
 def test_a_bad_lora_module_stops_the_start(setup):
     from lorakit.serve.server import ServeArgs, build_service
 
