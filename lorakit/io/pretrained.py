@@ -74,6 +74,11 @@ def is_vision_language(config) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
+def vlm_processor(model_path: str):
+    """The processor of a vision-language model (load_processor), or None for a text-only one."""
+    return load_processor(model_path) if is_vision_language(load_config(model_path)) else None
+
+
 def load_processor(model_path: str):
     """A vision-language model's processor (image processor, tokenizer, chat template). Without torchvision,
     a processor whose video processor needs it (Qwen2-VL's) is loaded without that part: images only."""

@@ -116,13 +116,11 @@ def parse_serve_args(argv: list[str]) -> ServeArgs:
 def build_service(args: ServeArgs):
     """The Service behind the app: base model on the best device, tokenizer, adapter bank and batcher."""
     from lorakit.io.pretrained import (
-        is_vision_language,
-        load_config,
         load_model,
-        load_processor,
         load_tokenizer,
         position_limit,
         resolve_model_path,
+        vlm_processor,
     )
     from lorakit.precision import inference_dtype
     from lorakit.serve.app import Service
@@ -131,7 +129,7 @@ def build_service(args: ServeArgs):
     from lorakit.serve.registry import AdapterRegistry
 
     path = resolve_model_path(args.model)
-    processor = load_processor(path) if is_vision_language(load_config(path)) else None  # chats with images
+    processor = vlm_processor(path)  # chats with images
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = inference_dtype(args.torch_dtype, device)

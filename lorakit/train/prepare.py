@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from lorakit import data as datasets_
 from lorakit.data.encode import Encoded, EncodeReport, encode_examples
-from lorakit.io.pretrained import is_vision_language, load_config, load_processor, position_limit, resolve_model_path
+from lorakit.io.pretrained import load_config, position_limit, resolve_model_path, vlm_processor
 from lorakit.train.args import TrainArgs
 
 
@@ -73,7 +73,7 @@ def prepare_data(args: TrainArgs, tokenizer) -> PreparedData:
         datasets_.check_labels(train_pairs + val_pairs, labels)
     label_ids = {label: i for i, label in enumerate(labels)}
     model_path = resolve_model_path(args.model)
-    processor = load_processor(model_path) if is_vision_language(load_config(model_path)) else None
+    processor = vlm_processor(model_path)
     reports, encoded = {}, {}
     for split, pairs in (("train", train_pairs), ("eval", val_pairs)):
         encoded[split], reports[split] = encode_examples(tokenizer, pairs, args.max_length, label_ids,
