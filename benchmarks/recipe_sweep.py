@@ -22,7 +22,6 @@ an interrupted sweep continues where it stopped and a wider one reuses the narro
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -56,8 +55,6 @@ GROUPS = {
     "alpha16": [{"lora_alpha": 16, "learning_rate": lr} for lr in (5e-4, 1.5e-3)]
     + [{"lora_alpha": 16, "learning_rate": 2e-3, "warmup_ratio": 0.1}],
     "rank": [{"lora_rank": r} for r in (4, 16, 64)],
-    # the rank rule under test: the default rate x sqrt(8 / rank) (the update of alpha = 2 x rank grows as sqrt(rank))
-    "rank_rule": [{"lora_rank": r, "lr_factor": round(math.sqrt(8 / r), 3)} for r in (16, 64)],
     "alpha": [{"lora_alpha": a} for a in (8, 32)],  # around the default 2 x rank = 16
     "rslora": [{"use_rslora": True}],
     "batch": [{"per_device_train_batch_size": b} for b in (4, 16, 32)],
@@ -155,13 +152,10 @@ def run_one(task: str, recipe: dict, seed: int, work: Path) -> dict:
 
     files = split_files(task, work)
     out = Path(tempfile.mkdtemp(prefix=f"sweep_{task}_", dir=work))
-    flags = {k: v for k, v in recipe.items() if k != "lr_factor"}
     try:
         args = TrainArgs(model="all-MiniLM-L6-v2", dataset=[str(files["train"])], val_dataset=[str(files["val"])],
                          num_train_epochs=TASKS[task][3], max_length=MAX_LENGTH, seed=seed, output_dir=str(out),
-                         report_to=["none"], save_total_limit=1, **flags)
-        if "lr_factor" in recipe:
-            args = dataclasses.replace(args, learning_rate=recipe["lr_factor"] * default_rate(task, args))
+                         report_to=["none"], save_total_limit=1, **recipe)
         start = time.perf_counter()
         result = train(args)
         wall = time.perf_counter() - start
@@ -170,14 +164,6 @@ def run_one(task: str, recipe: dict, seed: int, work: Path) -> dict:
                 "steps": result["global_step"], "learning_rate": resolved_lr(out)}
     finally:
         shutil.rmtree(out, ignore_errors=True)
-
-
-def default_rate(task: str, args) -> float:
-    """lorakit's default rate for this task's run (`lr_factor` recipes scale it: a rule under test)."""
-    from lorakit.train.prepare import default_learning_rate
-
-    steps = math.ceil(args.num_train_epochs * math.ceil(TASKS[task][0] / args.per_device_train_batch_size))
-    return default_learning_rate(args.train_type, "seq_cls", steps)
 
 
 def resolved_lr(out: Path):

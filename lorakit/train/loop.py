@@ -32,6 +32,7 @@ from lorakit.train.metrics import METRICS_FILE, MetricsLog, append_event, plot_l
 from lorakit.train.model import part_counts, prepare_model, save_trained
 from lorakit.train.optim import build_optimizer
 from lorakit.train.prepare import (
+    BASE_RANK,
     PreparedData,
     describe_data,
     fit_max_length,
@@ -202,8 +203,9 @@ def setup(args: TrainArgs, ctx: distributed.Dist) -> Run:
     say(describe_data(data, args))
     per_epoch, steps = steps_per_epoch(args, len(data.train), ctx.world), total_steps(args, len(data.train), ctx.world)
     if given_rate is None:
-        say(f"learning rate: {args.learning_rate:.2e}, lorakit's default for {args.train_type} {data.task} over "
-            f"{steps} steps (docs/training.md#defaults)")
+        rank = f" at rank {args.lora_rank}" if args.train_type != "full" and args.lora_rank > BASE_RANK else ""
+        say(f"learning rate: {args.learning_rate:.2e}, lorakit's default for {args.train_type} {data.task}{rank} "
+            f"over {steps} steps (docs/training.md#defaults)")
     bf16 = args.bf16 if args.bf16 is not None else precision.fast_bf16(ctx.device)
     say(f"precision: {'bf16 autocast, fp32 adapters' if bf16 else 'fp32'} on {precision.describe(ctx.device)}")
     if args.learning_rate == "auto" and args.resume:  # the rate the run picked, not a new test

@@ -25,17 +25,19 @@ class PreparedData:
 
 
 SHORT_RUN = 100  # optimiser steps up to which classification takes its peak default rate
+BASE_RANK = 8  # the rank the adapter rates were measured at
 
 
-def default_learning_rate(train_type: str, task: str, steps: int) -> float:
+def default_learning_rate(train_type: str, task: str, steps: int, rank: int = BASE_RANK) -> float:
     """lorakit's default peak rate for a run of `steps` optimiser steps (docs/training.md#defaults, measured with
-    benchmarks/recipe_sweep.py). Classification: 2e-3 with adapters (at the default scaling alpha / r = 2),
-    1e-4 in full, up to SHORT_RUN steps, then falling as 1/sqrt(steps), the step size of a fixed-length run
-    (long runs at the short runs' rate collapsed to one class). SFT: 2e-4 with adapters, 1e-5 in full."""
-    if task != "seq_cls":
-        return 1e-5 if train_type == "full" else 2e-4
-    peak = 1e-4 if train_type == "full" else 2e-3
-    return peak * min(1.0, math.sqrt(SHORT_RUN / max(steps, 1)))
+    benchmarks/recipe_sweep.py). Classification: 2e-3 with adapters, 1e-4 in full, up to SHORT_RUN steps, then
+    falling as 1/sqrt(steps), the step size of a fixed-length run (long runs at the short runs' rate collapsed
+    to one class). SFT: 2e-4 with adapters, 1e-5 in full. Adapters above rank 8 take sqrt(8 / rank) of it: at
+    alpha = 2 x rank the update B A grows as sqrt(rank) for a given rate (rank 64 at the rank-8 rate collapsed)."""
+    if train_type == "full":
+        return 1e-5 if task != "seq_cls" else 1e-4 * min(1.0, math.sqrt(SHORT_RUN / max(steps, 1)))
+    rate = 2e-4 if task != "seq_cls" else 2e-3 * min(1.0, math.sqrt(SHORT_RUN / max(steps, 1)))
+    return rate * min(1.0, math.sqrt(BASE_RANK / rank))
 
 
 def global_batch_size(args: TrainArgs, processes: int) -> int:
@@ -102,7 +104,7 @@ def resolve_args(args: TrainArgs, data: PreparedData, processes: int) -> TrainAr
     return dataclasses.replace(
         args, task_type=data.task, dataset_format=data.fmt, labels=list(data.labels),
         learning_rate=(args.learning_rate if args.learning_rate is not None
-                       else default_learning_rate(args.train_type, data.task, steps)))
+                       else default_learning_rate(args.train_type, data.task, steps, args.lora_rank)))
 
 
 def describe_data(data: PreparedData, args: TrainArgs) -> str:

@@ -63,6 +63,15 @@ def test_the_default_classification_rate_falls_as_one_over_root_steps_after_a_hu
     assert default_learning_rate("full", "causal_lm", 5) == 1e-5
 
 
+def test_the_default_adapter_rate_falls_as_one_over_root_rank_above_eight():
+    for task, steps in (("seq_cls", 50), ("seq_cls", 1000), ("causal_lm", 50)):
+        at_8 = default_learning_rate("lora", task, steps)
+        assert default_learning_rate("lora", task, steps, 4) == at_8 == default_learning_rate("dora", task, steps, 8)
+        assert default_learning_rate("qlora", task, steps, rank=32) == pytest.approx(at_8 / 2)
+        assert default_learning_rate("lora", task, steps, rank=64) == pytest.approx(at_8 * (8 / 64) ** 0.5)
+    assert default_learning_rate("full", "seq_cls", 50, rank=64) == default_learning_rate("full", "seq_cls", 50)
+
+
 def test_the_default_alpha_is_twice_the_rank_and_the_log_names_the_default_rate(tiny_lm_dir, alpaca_file, tmp_path,
                                                                                   capsys):
     assert parse_train_args(["--lora_rank", "64"]).lora_alpha == 128
@@ -72,3 +81,6 @@ def test_the_default_alpha_is_twice_the_rank_and_the_log_names_the_default_rate(
     config = yaml.safe_load((tmp_path / "run" / "run_config.yaml").read_text())
     assert config["learning_rate"] == 2e-4
     assert "learning rate: 2.00e-04, lorakit's default for lora causal_lm over 6 steps" in capsys.readouterr().out
+    loop.train(parse_train_args([*flags, "--lora_rank", "32", "--output_dir", str(tmp_path / "rank32")]))
+    assert yaml.safe_load((tmp_path / "rank32" / "run_config.yaml").read_text())["learning_rate"] == 1e-4
+    assert "lorakit's default for lora causal_lm at rank 32 over 6 steps" in capsys.readouterr().out
