@@ -124,7 +124,8 @@ class TrainArgs:
     learning_rate: Union[float, str, None] = field(default=None, metadata=_help(
         "Peak learning rate, or auto: a short learning-rate range test on the first batches picks it. Default "
         "(docs/training.md#defaults): SFT 2e-4 with adapters, 1e-5 in full; classification 2e-3 with adapters, "
-        "1e-4 in full, up to 100 optimiser steps, falling as 1/sqrt(steps) in longer runs."))
+        "1e-4 in full, up to 100 optimiser steps, falling as 1/sqrt(steps) in longer runs; adapters above rank 8 "
+        "take sqrt(8 / rank) of it."))
     loraplus_lr_ratio: Optional[float] = field(default=None, metadata=_help(
         "LoRA+: lora_B learns at learning_rate times this ratio (e.g. 16).", alias="lorap_lr_ratio"))
     optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
