@@ -202,10 +202,10 @@ class AdapterRegistry:
     def registered_folder(self, path: str | os.PathLike, trusted: bool) -> Path:
         """The adapter folder a registration names, resolved; PathNotAllowed or UnknownAdapter."""
         folder = (self.root / path if self.root is not None else Path(path)).resolve()  # absolute stays as is
-        if not (trusted or self.allow_outside) and self.root is None:
-            raise PathNotAllowed("this server has no adapters folder, and it loads adapters from other folders "
-                                 "only when started with --allow_adapter_paths_outside")
         if not (trusted or self.allow_outside):
+            if self.root is None:
+                raise PathNotAllowed("this server has no adapters folder, and it loads adapters from other "
+                                     "folders only when started with --allow_adapter_paths_outside")
             for part in (folder, folder / CONFIG_NAME, folder / WEIGHTS_NAME):
                 if not _inside(part.resolve(), self.root):
                     raise PathNotAllowed(f"lora_path {os.fspath(path)!r} leads outside the adapters directory; "

@@ -199,9 +199,9 @@ def setup(args: TrainArgs, ctx: distributed.Dist) -> Run:
     args = fit_max_length(args, model_path, say)
     data = prepare_data(args, tokenizer)
     given_rate = args.learning_rate
-    args = resolve_args(args, data, ctx.world)
-    say(describe_data(data, args))
     per_epoch, steps = steps_per_epoch(args, len(data.train), ctx.world), total_steps(args, len(data.train), ctx.world)
+    args = resolve_args(args, data, steps)
+    say(describe_data(data, args))
     if given_rate is None:
         rank = f" at rank {args.lora_rank}" if args.train_type != "full" and args.lora_rank > BASE_RANK else ""
         say(f"learning rate: {args.learning_rate:.2e}, lorakit's default for {args.train_type} {data.task}{rank} "

@@ -34,10 +34,12 @@ def default_learning_rate(train_type: str, task: str, steps: int, rank: int = BA
     falling as 1/sqrt(steps), the step size of a fixed-length run (long runs at the short runs' rate collapsed
     to one class). SFT: 2e-4 with adapters, 1e-5 in full. Adapters above rank 8 take sqrt(8 / rank) of it: at
     alpha = 2 x rank the update B A grows as sqrt(rank) for a given rate (rank 64 at the rank-8 rate collapsed)."""
-    if train_type == "full":
-        return 1e-5 if task != "seq_cls" else 1e-4 * min(1.0, math.sqrt(SHORT_RUN / max(steps, 1)))
-    rate = 2e-4 if task != "seq_cls" else 2e-3 * min(1.0, math.sqrt(SHORT_RUN / max(steps, 1)))
-    return rate * min(1.0, math.sqrt(BASE_RANK / rank))
+    full = train_type == "full"
+    if task != "seq_cls":
+        rate = 1e-5 if full else 2e-4
+    else:
+        rate = (1e-4 if full else 2e-3) * min(1.0, math.sqrt(SHORT_RUN / max(steps, 1)))
+    return rate if full else rate * min(1.0, math.sqrt(BASE_RANK / rank))
 
 
 def global_batch_size(args: TrainArgs, processes: int) -> int:
@@ -98,9 +100,8 @@ def fit_max_length(args: TrainArgs, model_path: str, say) -> TrainArgs:
     return dataclasses.replace(args, max_length=limit[0])
 
 
-def resolve_args(args: TrainArgs, data: PreparedData, processes: int) -> TrainArgs:
-    """Fill the 'auto' fields with what this run actually uses (saved as run_config.yaml)."""
-    steps = total_steps(args, len(data.train), processes)
+def resolve_args(args: TrainArgs, data: PreparedData, steps: int) -> TrainArgs:
+    """Fill the 'auto' fields with what this run of `steps` optimiser steps uses (saved as run_config.yaml)."""
     return dataclasses.replace(
         args, task_type=data.task, dataset_format=data.fmt, labels=list(data.labels),
         learning_rate=(args.learning_rate if args.learning_rate is not None
