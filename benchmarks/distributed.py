@@ -2,8 +2,9 @@
 
     python benchmarks/distributed.py                     # LoRA and full fine-tuning, 12 steps each
     python benchmarks/distributed.py --steps 4 --layers 2   # a smoke run
-    python benchmarks/distributed.py --layers 24 --steps 3 --train_types lora qlora \
-        --runs "1 process, 1 thread" "2 ranks, DDP" "2 ranks, FSDP2"   # memory: a ~80M-parameter model
+    python benchmarks/distributed.py --layers 24 --steps 3 --train_types lora qlora full \
+        --runs "1 process, 1 thread" "2 ranks, DDP" "2 ranks, FSDP2" "2 ranks, FSDP2, rank 0 loads"
+        # memory: a ~80M-parameter model
 
 A Llama of ~20M parameters (hidden 512, 6 layers) with a small BPE tokenizer, built in a temporary
 folder; 64 short alpaca rows; global batch 16 (1 process x 16, or 2 x 8), fp32, gloo. Each run is
@@ -28,9 +29,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # helpers: the tests' tiny tokenizer and data rows
-# name -> (processes, extra flags, threads per process; None: cores / processes)
+# name -> (processes, extra flags, threads per process; None: cores / processes). RANK_0_LOADS is this file's
+# worker flag: FSDP2 as it loads a model it cannot build empty (rank 0 loads it whole and hands out the shards).
+RANK_0_LOADS = "--rank_0_loads"
 RUNS = {"1 process": (1, [], None), "1 process, 1 thread": (1, [], 1), "2 ranks, DDP": (2, [], None),
-        "2 ranks, FSDP2": (2, ["--fsdp"], None)}
+        "2 ranks, FSDP2": (2, ["--fsdp"], None), "2 ranks, FSDP2, rank 0 loads": (2, ["--fsdp", RANK_0_LOADS], None)}
 
 
 def build_model(folder: Path, layers: int) -> str:
@@ -59,7 +62,16 @@ def worker(out: str, flags: list[str]) -> None:
     """Run `lorakit train flags` here, timing each step; write this rank's step times and its VmHWM when training
     starts (loading) and at the end (training) to out.<rank>."""
     from lorakit.cli import main
-    from lorakit.train import loop, peak
+    from lorakit.io.empty_model import NotStreamable
+    from lorakit.train import fsdp, loop, peak
+
+    if RANK_0_LOADS in flags:
+        flags.remove(RANK_0_LOADS)
+
+        def not_empty(*_):
+            raise NotStreamable("benchmarks/distributed.py " + RANK_0_LOADS)
+
+        fsdp.built_empty = not_empty
 
     times, real, loading, reset = [], loop.train_step, [], peak.reset
 
@@ -82,7 +94,7 @@ def worker(out: str, flags: list[str]) -> None:
 def run(name: str, train_type: str, model: str, data: str, work: Path, steps: int) -> dict:
     processes, extra, threads = RUNS[name]
     threads = threads or max(1, (os.cpu_count() or 1) // processes)
-    out = work / f"{train_type}-{processes}-{threads}-{'fsdp' if extra else 'ddp'}"
+    out = work / f"{train_type}-{processes}-{threads}-{'-'.join(extra) or 'ddp'}"
     flags = ["--model", model, "--dataset", data, "--output_dir", str(out), "--train_type", train_type,
              "--max_steps", str(steps), "--per_device_train_batch_size", str(16 // processes),
              "--learning_rate", "1e-4", "--lora_rank", "16", "--val_split_ratio", "0", "--save_steps", "1000",

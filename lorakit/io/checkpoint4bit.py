@@ -15,30 +15,10 @@ from torch import nn
 
 from lorakit.families import SEQ_CLS_HEADS
 from lorakit.io import files
+from lorakit.io.weights import checkpoint_files, model_key
 from lorakit.modules import replace_module
 from lorakit.quant.linear4bit import NF4Linear
 from lorakit.quant.nf4 import from_state_dict, quantize_nf4, to_state_dict
-
-
-def checkpoint_files(folder: Path) -> list[Path]:
-    """The safetensors files of a model folder (sharded or not)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / s for s in shards]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(f"{folder} has no model.safetensors (or sharded index); 4-bit loading reads "
-                            "safetensors checkpoints only")
-
-
-def model_key(key: str, model_keys: set[str], prefix: str) -> str | None:
-    """The model's name for a checkpoint key (task models add or drop the base model's prefix)."""
-    for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
-        if candidate in model_keys:
-            return candidate
-    return None
 
 
 def nf4_layer_names(model: nn.Module, skip: set[str]) -> set[str]:
@@ -116,24 +96,24 @@ def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
         _put_nf4(model, name.removesuffix(".weight"), from_state_dict(state, prefix=f"{owner}.weight"))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    _initialise_missing(model)
+    try:
+        initialise_heads(model, [n for n, p in model.named_parameters() if p.is_meta])
+    except ValueError as err:
+        raise ValueError(f"{err}; cannot load it in 4-bit") from None
     model.requires_grad_(False)
     return model.eval(), sorted(quantize)  # eval mode, as from_pretrained returns models
 
 
-def _initialise_missing(model: nn.Module) -> None:
-    """Initialise parameters still empty after loading (a new head); anything else is an error."""
-    still_meta = {n for n, p in model.named_parameters() if p.is_meta}
-    if not still_meta:
-        return
-    owners = {n.rpartition(".")[0] for n in still_meta}
-    if not all(o.split(".")[0] in SEQ_CLS_HEADS for o in owners):
-        raise ValueError(f"the checkpoint lacks {sorted(still_meta)[:5]} (of {len(still_meta)} missing); "
-                         "cannot load it in 4-bit")
-    for owner in owners:
-        module = model.get_submodule(owner)
-        module.to_empty(device="cpu")
-        model._init_weights(module)
+def initialise_heads(model: nn.Module, missing: list[str]) -> None:
+    """Initialise the modules of the `missing` parameters as from_pretrained does (in module order, with the
+    model's _init_weights); only a classifier head may be missing."""
+    owners = {name.rpartition(".")[0] for name in missing}
+    if not all(owner.split(".")[0] in SEQ_CLS_HEADS for owner in owners):
+        raise ValueError(f"the checkpoint lacks {sorted(missing)[:5]} (of {len(missing)} missing)")
+    for name, module in model.named_modules():
+        if name in owners:
+            module.to_empty(device="cpu")
+            model._init_weights(module)
 
 
 def save_nf4(model: nn.Module, folder: str) -> None:

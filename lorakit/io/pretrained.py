@@ -53,10 +53,10 @@ def _from_pretrained(auto_class, name: str, **kwargs):
         return auto_class.from_pretrained(name, **kwargs)
 
 
-def load_config(model_path: str):
+def load_config(model_path: str, **overrides):
     from transformers import AutoConfig
 
-    return _from_pretrained(AutoConfig, model_path)
+    return _from_pretrained(AutoConfig, model_path, **overrides)
 
 
 def position_limit(config) -> tuple[int, str] | None:
@@ -126,19 +126,33 @@ def quantize_language_model(model: nn.Module, keep_dense: tuple[str, ...] = ()) 
     return quantize_linears(model, skip | set(head) | set(keep_dense))
 
 
+def model_class(config, task: str):
+    """The transformers auto class for a task: a sequence classifier, a causal LM, or an image-text-to-text
+    model for a vision-language config."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
+
+    if task == "seq_cls":
+        return AutoModelForSequenceClassification
+    return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+
+
+def head_fields(task: str, labels: list[str]) -> dict:
+    """The config fields of a classifier head for `labels` ({} for other tasks)."""
+    if task != "seq_cls":
+        return {}
+    return dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={label: i for i, label in enumerate(labels)})
+
+
 def load_model(model_path: str, task: str, labels: list[str], dtype: torch.dtype,
                quantize: bool = False, keep_dense: tuple[str, ...] = ()) -> nn.Module:
     """The base model: a causal LM (an image-text-to-text model for a vision-language config), or a
     sequence classifier with a fresh head for `labels`. With `quantize`, its Linear layers (but the heads,
     `keep_dense`, and a VLM's vision tower and projector) are loaded straight into NF4."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     config = load_config(model_path)
-    auto_class = (AutoModelForSequenceClassification if task == "seq_cls" else
-                  AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM)
-    head = {} if task != "seq_cls" else dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                                             label2id={label: i for i, label in enumerate(labels)})
+    auto_class, head = model_class(config, task), head_fields(task, labels)
     if quantize and not is_vision_language(config):
         from lorakit.io.checkpoint4bit import load_nf4
 
@@ -156,6 +170,11 @@ def load_model(model_path: str, task: str, labels: list[str], dtype: torch.dtype
         model = _from_pretrained(auto_class, model_path, dtype=dtype)
         if quantize:  # a VLM's checkpoint keys are renamed as it loads: quantised once loaded
             quantize_language_model(model, keep_dense)
+    return with_pad_token(model)
+
+
+def with_pad_token(model: nn.Module) -> nn.Module:
+    """`model`, its config given the end-of-sequence token as padding when it names none."""
     text_config = model.config.get_text_config()
     if getattr(text_config, "pad_token_id", None) is None and hasattr(text_config, "eos_token_id"):
         text_config.pad_token_id = text_config.eos_token_id

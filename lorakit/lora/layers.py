@@ -96,7 +96,7 @@ class LoraLayer(WrapsBase):
         self.r[name] = r
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout[name] = dropout
-        self._create_adapter(name, r, init)
+        self.create_adapter(name, r, init)
         self.to_base_device(name)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
@@ -170,7 +170,8 @@ class LoraLayer(WrapsBase):
         return self.weight - self.delta_weight(name).to(self.weight.dtype)
 
     # subclass hooks
-    def _create_adapter(self, name: str, r: int, init: bool | str) -> None:
+    def create_adapter(self, name: str, r: int, init: bool | str) -> None:
+        """The adapter's tensors, initialised (the only random draws of adding an adapter)."""
         raise NotImplementedError
 
     def adapter_output(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
@@ -214,11 +215,14 @@ class LoraLinear(LoraLayer):
     def add_adapter(self, name, r, alpha, dropout, use_rslora, use_dora=False, init=True) -> None:
         super().add_adapter(name, r, alpha, dropout, use_rslora, False, init)
         if use_dora:
-            with torch.no_grad():
-                norm = self._weight_norm(self.delta_weight_out_in(name))
-            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(self.lora_A[name].weight.dtype))
+            self.lora_magnitude_vector[name] = nn.Parameter(self.initial_magnitude(name))
 
-    def _create_adapter(self, name, r, init) -> None:
+    @torch.no_grad()
+    def initial_magnitude(self, name: str) -> torch.Tensor:
+        """DoRA's magnitude as an adapter starts: ||W + s·B·A|| per output feature, in the adapter's dtype."""
+        return self._weight_norm(self.delta_weight_out_in(name)).to(self.lora_A[name].weight.dtype)
+
+    def create_adapter(self, name, r, init) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
         if weight_init(init):
@@ -328,7 +332,7 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def _create_adapter(self, name, r, init) -> None:
+    def create_adapter(self, name, r, init) -> None:
         num, dim = self.weight.shape
         A, B = torch.randn(r, num), torch.randn(dim, r)
         if init is not False:
@@ -360,7 +364,7 @@ class LoraConv2d(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def _create_adapter(self, name, r, init) -> None:
+    def create_adapter(self, name, r, init) -> None:
         base = self.base_layer
         self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False)
         self.lora_B[name] = nn.Conv2d(r, base.out_channels, 1, 1, bias=False)

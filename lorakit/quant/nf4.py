@@ -113,6 +113,19 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True)
                      DYNAMIC_MAP.to(flat.device), offset.item())
 
 
+def empty_nf4(shape: torch.Size, dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+    """An NF4 weight's storage with no data (meta tensors of quantize_nf4's shapes; no offset yet): a skeleton
+    that quantize_nf4's result fills later."""
+    n, meta = math.prod(shape), torch.device("meta")
+    blocks = -(-n // blocksize)
+    if not double_quant:
+        return NF4Weight(torch.empty((n + 1) // 2, dtype=torch.uint8, device=meta),
+                         torch.empty(blocks, device=meta), torch.Size(shape), dtype, blocksize)
+    return NF4Weight(torch.empty((n + 1) // 2, dtype=torch.uint8, device=meta),
+                     torch.empty(blocks, dtype=torch.uint8, device=meta), torch.Size(shape), dtype, blocksize,
+                     torch.empty(-(-blocks // NESTED_BLOCKSIZE), device=meta), torch.empty(256, device=meta))
+
+
 def _check_weight(weight: Tensor, blocksize: int) -> None:
     if not isinstance(weight, Tensor):
         raise TypeError(f"quantize_nf4 takes a torch.Tensor, got {type(weight).__name__}")

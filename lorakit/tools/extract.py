@@ -14,11 +14,10 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.io import files
-from lorakit.io.checkpoint4bit import model_key
+from lorakit.io.weights import Checkpoint, model_key
 from lorakit.lora.layers import is_conv1d
 from lorakit.model.adapter_files import PREFIX, WEIGHTS_NAME
 from lorakit.model.targeting import all_linear_names, is_all_linear, name_matches, resolve_targets
-from lorakit.tools.shards import Checkpoint
 from lorakit.tools.svd import relative_error, truncated_factors
 
 

@@ -52,10 +52,9 @@ def describe_module(m: LoraModule) -> dict:
 def compare_with_base(adapter: Adapter, base: str, modules: dict[str, dict]) -> None:
     """Per module: in_base (found with fitting shapes, or why not), the frozen weight's norm and the update's
     norm relative to it."""
-    from lorakit.io.checkpoint4bit import model_key
     from lorakit.io.pretrained import resolve_model_path
+    from lorakit.io.weights import Checkpoint, model_key
     from lorakit.tools.fit import find_module, lora_layer, skeleton, tie_groups
-    from lorakit.tools.shards import Checkpoint
 
     folder = resolve_model_path(base)
     model, checkpoint = skeleton(folder), Checkpoint(folder)

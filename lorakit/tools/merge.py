@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from lorakit.families import SEQ_CLS_HEADS
-from lorakit.io.checkpoint4bit import model_key, nf4_layer_names
+from lorakit.io.checkpoint4bit import nf4_layer_names
 from lorakit.io.files import require_new_dir, staged_dir, write_text
+from lorakit.io.weights import Checkpoint, model_key
 from lorakit.model.adapter_files import read_run_config
 from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
 from lorakit.tools.adapter import Adapter, adapter_from, read_adapter
 from lorakit.tools.fit import NAME, check_fits, extra_param_name, find_module, lora_layer, skeleton, tie_groups
-from lorakit.tools.shards import Checkpoint, ShardWriter, copy_side_files, parse_size
+from lorakit.tools.shards import ShardWriter, copy_side_files, parse_size
 
 # Files of an adapter folder that replace the base's: a tokenizer saved with the adapter wins.
 TOKENIZER_FILE = re.compile(r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|"

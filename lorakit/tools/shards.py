@@ -1,4 +1,4 @@
-"""Model folders of safetensors shards: read one tensor at a time, written one shard at a time."""
+"""Model folders written one shard at a time (read one tensor at a time: lorakit.io.weights)."""
 from __future__ import annotations
 
 import json
@@ -6,14 +6,11 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from lorakit.io import files
-from lorakit.io.checkpoint4bit import checkpoint_files
 
 INDEX_NAME = "model.safetensors.index.json"
 # What a model folder holds besides its configuration, tokenizer and processor files.
@@ -22,25 +19,6 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
                       torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
                       torch.float8_e5m2: "F8_E5M2"}
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf)$|.*\.safetensors\.index\.json$")
-
-
-class Checkpoint:
-    """A model folder's tensors by checkpoint key, read from its safetensors files one at a time."""
-
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        self.files = checkpoint_files(self.folder)
-        self.readers = {file: safe_open(str(file), framework="pt") for file in self.files}  # each opened once
-        self.file_of: dict[str, Path] = {key: file for file, reader in self.readers.items() for key in reader.keys()}
-
-    def tensor(self, key: str) -> torch.Tensor:
-        return self.readers[self.file_of[key]].get_tensor(key)
-
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(key, tensor) for every tensor, file by file, in each file's order."""
-        for reader in self.readers.values():
-            for key in reader.keys():
-                yield key, reader.get_tensor(key)
 
 
 def parse_size(size: str | int) -> int:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lorakit.io.empty_model import NotStreamable
 from lorakit.train import fsdp
 
 
@@ -68,25 +69,38 @@ class StepModule(nn.Module):
         return self.loss(self.model, batch)
 
 
-def build(load: Callable[[], nn.Module], prepare: Callable[[nn.Module], nn.Module], ctx: Dist,
-          sharded: bool) -> nn.Module:
-    """This rank's model: prepare(load()) (load the base on the CPU, attach adapters). Under FSDP2 with several
-    ranks only rank 0 loads it; the others prepare its structure with empty tensors (fsdp.built_on_main), and
-    wrap() shards the model (with one rank too), moving it to the device block by block, and fills their shards.
-    Without FSDP the model is moved to the device here."""
-    if sharded and ctx.world > 1:
-        return fsdp.built_on_main(load, prepare, ctx.rank)
-    model = prepare(load())
-    return model if sharded else model.to(ctx.device)
+@dataclass
+class Built:
+    model: nn.Module
+    weights: fsdp.Weights | None = None  # a model built empty: its checkpoint, read as wrap() shards it
+    note: str = ""  # how it was loaded, when that is worth saying
 
 
-def wrap(model: nn.Module, loss: Callable, ctx: Dist, sharded: bool, bf16: bool) -> nn.Module:
+def build(load: Callable[[], nn.Module], load_empty: Callable[[], tuple[nn.Module, fsdp.Weights]],
+          prepare: Callable[[nn.Module], nn.Module], ctx: Dist, sharded: bool) -> Built:
+    """This rank's model: prepare(load()) (load the base on the CPU, attach adapters), moved to the device.
+    Under FSDP2 every rank builds it empty (load_empty) and wrap() fills and shards it block by block; where
+    it cannot be built empty, only rank 0 loads it, the others prepare its structure with empty tensors
+    (fsdp.built_on_main) and wrap() hands them their shards."""
+    if not sharded:
+        return Built(prepare(load()).to(ctx.device))
+    try:
+        return Built(*fsdp.built_empty(load_empty, prepare), note="--fsdp: each rank reads its blocks from the "
+                     "checkpoint, shards them and keeps its shards (no rank holds the whole model)")
+    except NotStreamable as why:
+        note = f"--fsdp: rank 0 loads the whole model on the CPU and hands out the shards ({why})"
+    if ctx.world > 1:
+        return Built(fsdp.built_on_main(load, prepare, ctx.rank), note=note)
+    return Built(prepare(load()), note=note)
+
+
+def wrap(built: Built, loss: Callable, ctx: Dist, sharded: bool, bf16: bool) -> nn.Module:
     """The module that runs a step: FSDP2-sharded (`sharded`, one process or more), in DDP (more than one
     process), or as is. DDP registers only trainable parameters; a parameter a batch leaves unused (a
     vision tower on text rows, an idle expert) is reduced as zero, as one process would have it."""
-    step = StepModule(model, loss)
+    step = StepModule(built.model, loss)
     if sharded:
-        fsdp.shard(step, model, ctx.device, ctx.world, ctx.rank, bf16)
+        fsdp.shard(step, built.model, ctx.device, ctx.world, ctx.rank, bf16, built.weights)
         return step
     if ctx.world == 1:
         return step

@@ -4,22 +4,30 @@ Each transformer block is one unit (its weights all-gathered just before its for
 freed after); the rest of the model (embeddings, final norm, head) is the root unit. Under --bf16 the
 gathered weights are cast to bf16 for compute while the sharded weights, their gradients' reduction
 and the optimiser state stay fp32. A 4-bit (NF4) base is sharded too: its packed codes become frozen
-uint8 parameters of their block, gathered as bytes and dequantised after gathering. Only rank 0 loads
-the model (on the CPU); the other ranks receive its structure with empty (meta) tensors, and after
-sharding each rank receives its shards of rank 0's weights one tensor at a time, so no other rank ever
-holds the whole model, and no device does. Saving gathers the shards back into whole tensors on rank 0.
+uint8 parameters of their block, gathered as bytes and dequantised after gathering.
+
+Every rank builds the model empty (meta) from its config and attaches the adapters, drawing the random
+numbers one process draws; then, block by block, it reads that block's tensors from the checkpoint
+(quantising an NF4 base as it goes), shards the block and keeps only its own shards, so no rank ever holds
+the whole model. Where a model cannot be built empty (a vision-language model, a checkpoint that is not
+local safetensors), rank 0 loads it whole on the CPU and hands every other rank its shards one tensor at a
+time. Saving gathers the shards back into whole tensors on rank 0.
 """
 from __future__ import annotations
 
 import io
 import pickle
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from lorakit.io.empty_model import Weights
+from lorakit.lora.layers import LoraLayer, LoraLinear
 from lorakit.model.peft_model import PeftModel
+from lorakit.model.targeting import is_adapter_internal
 from lorakit.quant.linear4bit import NF4Linear
 
 
@@ -39,6 +47,47 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
                          f"{model_type!r}) names no block class (transformers' _no_split_modules) and none of its "
                          f"modules is one; train it without --fsdp (plain torchrun: data parallel, DDP)")
     return blocks
+
+
+def built_empty(load_empty: Callable[[], tuple[nn.Module, Weights]], prepare: Callable[[nn.Module], nn.Module]
+                ) -> tuple[nn.Module, Weights]:
+    """prepare(the model built empty), with its adapters made on the CPU as one process makes them; the base's
+    tensors stay meta until shard() fills them block by block from the returned Weights."""
+    base, weights = load_empty()
+    with torch.device("meta"):
+        model = prepare(base)
+    _create_adapters(model)
+    return model, weights
+
+
+def _create_adapters(model: nn.Module) -> None:
+    """Each adapter's tensors made again, on the CPU, in module order: the random draws get_peft_model makes on
+    a loaded model (the base's weights draw none), so every rank starts from the one-process run's adapters."""
+    if not isinstance(model, PeftModel):
+        return
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            for name, r in layer.r.items():
+                layer.create_adapter(name, r, model.peft_config[name].init_lora_weights)
+
+
+SAVED_COPY = re.compile(r"\.modules_to_save\.[^.]+")  # a modules_to_save copy's part of a module path
+
+
+def _materialise(hf: nn.Module, module: nn.Module, weights: Weights) -> None:
+    """Every meta tensor under `module` (a module of the transformers model `hf`) made real on the CPU: the
+    base's read from the checkpoint (a modules_to_save copy reads its original's), then DoRA's magnitudes from
+    the weights they start from."""
+    path = next(name for name, m in hf.named_modules() if m is module)
+    for name, sub in module.named_modules(prefix=path):
+        name = SAVED_COPY.sub("", name)
+        if not is_adapter_internal(name):
+            weights.fill(getattr(sub, "base_layer", sub), name)
+    for layer in module.modules():
+        if isinstance(layer, LoraLinear):
+            for adapter, magnitude in layer.lora_magnitude_vector.items():
+                if magnitude.is_meta:
+                    layer.lora_magnitude_vector[adapter] = nn.Parameter(layer.initial_magnitude(adapter))
 
 
 def built_on_main(load: Callable[[], nn.Module], prepare: Callable[[nn.Module], nn.Module], rank: int) -> nn.Module:
@@ -87,23 +136,32 @@ def _meta_parameter(shape: torch.Size, dtype: torch.dtype, requires_grad: bool) 
     return nn.Parameter(_meta_tensor(shape, dtype), requires_grad=requires_grad)
 
 
-def shard(root: nn.Module, model: nn.Module, device: torch.device, world: int, rank: int, bf16: bool) -> None:
-    """fully_shard each transformer block of `model`, then `root` (the module whose forward runs the step), and
-    fill every rank's shards from rank 0's weights (the other ranks' `model` is built_on_main's empty one).
-    Each unit moves to the device as it is sharded, so no device ever holds the whole model."""
+def shard(root: nn.Module, model: nn.Module, device: torch.device, world: int, rank: int, bf16: bool,
+          weights: Weights | None = None) -> None:
+    """fully_shard each transformer block of `model`, then `root` (the module whose forward runs the step). A
+    model built empty (built_empty, with its `weights`) is filled block by block just before each block is
+    sharded; otherwise every rank's shards come from rank 0's weights (the other ranks' `model` is
+    built_on_main's empty one). Each unit moves to the device as it is sharded, so no device ever holds the
+    whole model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     for layer in nf4_layers(model):  # buffers are replicated; parameters are sharded
         layer.storage_as_parameters()
-    whole = {name: p.detach() for name, p in root.named_parameters()} if rank == 0 else {}
+    hf = model.get_base_model() if isinstance(model, PeftModel) else model
+    whole = {name: p.detach() for name, p in root.named_parameters()} if rank == 0 and weights is None else {}
     mesh = init_device_mesh(device.type, (world,))
     precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
                  else MixedPrecisionPolicy())
     for block in transformer_blocks(model):
+        if weights is not None:
+            _materialise(hf, block, weights)
         fully_shard(block, mesh=mesh, mp_policy=precision)
+    if weights is not None:
+        _materialise(hf, hf, weights)
     fully_shard(root, mesh=mesh, mp_policy=precision)
-    _hand_out(root, whole, device, world, rank)
+    if weights is None:
+        _hand_out(root, whole, device, world, rank)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from lorakit import precision
 from lorakit.data.encode import Encoded, collate, loss_units
 from lorakit.io import files
+from lorakit.io.empty_model import empty_model
 from lorakit.io.pretrained import load_model, load_tokenizer, resolve_model_path
 from lorakit.memory.loss import IGNORE_INDEX
 from lorakit.train import checkpoints, distributed, fsdp, lr_range, peak
@@ -212,8 +213,11 @@ def setup(args: TrainArgs, ctx: distributed.Dist) -> Run:
         args = dataclasses.replace(args, learning_rate=lr_range.saved_rate(args.resume, out))
     trajectory = run_trajectory(args, data, ctx.world, bf16)
     resume_from, run_id = resume_point(args, out, trajectory)
-    model = build_model(args, ctx, model_path, data, bf16)
-    engine = distributed.wrap(model, functools.partial(step_loss, fused=args.memory_savers), ctx, bool(args.fsdp),
+    built = build_model(args, ctx, model_path, data, bf16)
+    if built.note:
+        say(built.note)
+    model = built.model
+    engine = distributed.wrap(built, functools.partial(step_loss, fused=args.memory_savers), ctx, bool(args.fsdp),
                               bf16)
     say(distributed.describe(model, ctx, bool(args.fsdp)))
     say(f"model: {model_path} ({args.train_type}), " + describe_parameters(model))
@@ -229,19 +233,20 @@ def setup(args: TrainArgs, ctx: distributed.Dist) -> Run:
 
 
 def build_model(args: TrainArgs, ctx: distributed.Dist, model_path: str, data: PreparedData,
-                bf16: bool) -> torch.nn.Module:
-    """The base model with adapters attached (or unfrozen), on the device, in train mode."""
+                bf16: bool) -> distributed.Built:
+    """The base model with adapters attached (or unfrozen), in train mode: on the device, or under --fsdp
+    built empty, to be filled as distributed.wrap shards it."""
     if args.torch_dtype != "auto":
         base_dtype = getattr(torch, args.torch_dtype)
     else:
         base_dtype = torch.bfloat16 if bf16 and args.train_type != "full" else torch.float32
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # same adapter initialisation on every rank
-    model = distributed.build(  # under --fsdp, loaded on rank 0 only
-        lambda: load_model(model_path, data.task, data.labels, base_dtype, args.quantize, tuple(args.modules_to_save)),
-        lambda base: prepare_model(base, args, data.task).train(), ctx, bool(args.fsdp))
+    source = (model_path, data.task, data.labels, base_dtype, args.quantize, tuple(args.modules_to_save))
+    built = distributed.build(lambda: load_model(*source), lambda: empty_model(*source),
+                              lambda base: prepare_model(base, args, data.task).train(), ctx, bool(args.fsdp))
     torch.manual_seed(args.seed + ctx.rank)  # independent dropout masks per rank
-    return model
+    return built
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, steps: int):

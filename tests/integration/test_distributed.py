@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,7 +146,114 @@ def test_fsdp_full_fine_tuning_with_gradient_checkpointing_trains(setup, tmp_pat
     assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, tuned.model.layers[0].mlp.up_proj.weight)
 
 
-# --- FSDP2's loading: rank 0 loads, the other ranks get their shards --------------------------------
+# --- FSDP2's loading: every rank builds the model empty and fills it block by block ------------------
+
+# case -> (saved model, task, labels, --quantize, LoraConfig fields or None for full fine-tuning)
+EMPTY_BUILDS = {
+    "llama, NF4 base, DoRA": ("llama", "causal_lm", [], True, dict(use_dora=True)),
+    "bert, new 2-label head": ("bert", "seq_cls", ["no", "yes"], False, dict(task_type="SEQ_CLS")),
+    "gpt2, tied head, full": ("gpt2", "causal_lm", [], False, None),
+}
+
+
+def _empty_build_source(folder, case: str) -> tuple:
+    from helpers import save_tiny_bert_classifier, save_tiny_causal_lm
+
+    arch, task, labels, quantize, _ = EMPTY_BUILDS[case]
+    path = folder / arch
+    if not path.exists():
+        (save_tiny_bert_classifier if arch == "bert" else save_tiny_causal_lm)(path, **({"arch": arch} if arch !=
+                                                                                        "bert" else {}))
+    return str(path), task, labels, torch.float32, quantize, ()
+
+
+def _empty_build_prepare(case: str):
+    from lorakit import LoraConfig, get_peft_model
+
+    lora = EMPTY_BUILDS[case][4]
+    if lora is None:
+        return lambda base: base.float().requires_grad_(True)
+    return lambda base: get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora))
+
+
+def _tied(model) -> bool:
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = hf.get_output_embeddings()
+    return head is not None and head.weight is hf.get_input_embeddings().weight
+
+
+def _build_empty_on_two_ranks(rank: int, folder: str, case: str) -> None:
+    """One of 2 gloo ranks: the model built empty, filled and sharded block by block; each rank records the most
+    bytes of checkpoint tensors it held whole (read, not yet sharded), and rank 1 writes what it holds."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from lorakit.io.empty_model import Weights, empty_model
+
+    source = _empty_build_source(Path(folder), case)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        built = distributed.build(lambda: pytest.fail("the whole model was loaded"), lambda: empty_model(*source),
+                                  _empty_build_prepare(case), distributed.Dist(rank, 2), sharded=True)
+        held, read = [0], Weights.read
+        made_real = {id(p) for p in built.model.parameters() if not p.is_meta}  # adapters, a new head
+
+        def watched(weights, name):  # the checkpoint's tensors held whole so far
+            whole = [p for p in built.model.parameters()
+                     if not p.is_meta and not isinstance(p, DTensor) and id(p) not in made_real]
+            held[0] = max(held[0], sum(p.numel() * p.element_size() for p in {id(p): p for p in whole}.values()))
+            return read(weights, name)
+
+        Weights.read = watched
+        fsdp.shard(distributed.StepModule(built.model, None), built.model, torch.device("cpu"), 2, rank, False,
+                   built.weights)
+        model = built.model
+        tensors = {name: p.full_tensor() for name, p in model.named_parameters(remove_duplicate=False)}
+        if rank == 1:
+            torch.save({"tensors": {**tensors, **dict(model.named_buffers())}, "held": held[0], "tied": _tied(model),
+                        "note": built.note}, f"{folder}/rank1.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(EMPTY_BUILDS))
+def test_fsdp_builds_the_model_empty_on_every_rank_and_fills_it_as_one_process_loads_it(case, tmp_path):
+    """No rank loads the whole model, none holds more than one block's whole weights beside the root unit's, and
+    the sharded model holds what one process loading it (and drawing the adapters' random numbers) holds."""
+    from lorakit.io.pretrained import load_model
+    from lorakit.train.fsdp import transformer_blocks
+
+    torch.multiprocessing.spawn(_build_empty_on_two_ranks, args=(str(tmp_path), case), nprocs=2)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert "no rank holds the whole model" in rank1["note"]
+    torch.manual_seed(0)
+    want = _empty_build_prepare(case)(load_model(*_empty_build_source(tmp_path, case)))
+    blocks = transformer_blocks(want)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    nbytes = lambda params: sum(p.numel() * p.element_size() for p in params)  # noqa: E731
+    root = nbytes(p for p in want.parameters() if id(p) not in in_blocks)
+    assert 0 < rank1["held"] <= max(nbytes(b.parameters()) for b in blocks) + root < nbytes(want.parameters())
+    want_tensors = {**dict(want.named_parameters(remove_duplicate=False)), **dict(want.named_buffers())}
+    assert rank1["tensors"].keys() == want_tensors.keys()
+    for name, tensor in want_tensors.items():
+        assert torch.equal(rank1["tensors"][name], tensor), name
+    assert rank1["tied"] == _tied(want)
+
+
+def test_a_model_that_cannot_be_built_empty_says_why(tmp_path):
+    from lorakit.io.empty_model import NotStreamable, empty_model
+
+    with pytest.raises(NotStreamable, match="not a local folder"):
+        empty_model("someone/some-model", "causal_lm", [], torch.float32)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(NotStreamable, match="no model.safetensors"):
+        empty_model(str(tmp_path), "causal_lm", [], torch.float32)
+
+
+# --- FSDP2's loading where the model cannot be built empty: rank 0 loads, the others get their shards -------
+
 
 
 def _load_on_rank_0(rank: int, folder: str) -> None:
