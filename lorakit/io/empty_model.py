@@ -10,10 +10,17 @@ from torch import nn
 
 from lorakit.families import SEQ_CLS_HEADS
 from lorakit.io.checkpoint4bit import initialise_heads, nf4_layer_names
-from lorakit.io.pretrained import head_fields, is_vision_language, load_config, model_class, with_pad_token
-from lorakit.io.weights import Checkpoint, model_key
+from lorakit.io.pretrained import (
+    head_fields,
+    is_vision_language,
+    kept_dense,
+    load_config,
+    model_class,
+    with_pad_token,
+)
+from lorakit.io.weights import Checkpoint
 from lorakit.modules import replace_module
-from lorakit.quant.linear4bit import NF4Linear
+from lorakit.quant.linear4bit import NF4Linear, linears_to_quantize
 from lorakit.quant.nf4 import empty_nf4, quantize_nf4
 
 
@@ -31,12 +38,12 @@ class Weights:
     def read(self, name: str) -> torch.Tensor:
         if name not in self.keys:
             raise KeyError(f"{name} is not in the checkpoint {self.checkpoint.folder}")
-        # a copy: a view into the mapped file would keep all of the file resident
-        return self.checkpoint.tensor(self.keys[name]).to(self.dtypes[name], copy=True)
+        return self.checkpoint.tensor(self.keys[name]).to(self.dtypes[name])
 
     def fill(self, module: nn.Module, name: str) -> None:
         """Make the meta tensors `module` holds itself real (on the CPU); `name` is its path in the model. An
-        NF4Linear's storage is its checkpoint weight quantised; a tensor met before (tied) stays one tensor."""
+        NF4Linear's storage is its checkpoint weight quantised; a tensor met before (tied) since the last forget()
+        stays one tensor."""
         if isinstance(module, NF4Linear) and module.weight_packed.is_meta:
             q = quantize_nf4(self.read(f"{name}.weight"), module.blocksize, module.weight_nested_absmax is not None)
             module.offset = q.offset
@@ -48,6 +55,10 @@ class Weights:
             if tensor is not None and tensor.is_meta:
                 made = self.made.get(id(tensor))
                 self._put(module, attr, made[1] if made else self.read(f"{name}.{attr}"))
+
+    def forget(self) -> None:
+        """Let go of the tensors filled so far (once they are sharded, only their shards should stay)."""
+        self.made.clear()
 
     def _put(self, module: nn.Module, attr: str, value: torch.Tensor) -> None:
         old = module._parameters.get(attr, module._buffers.get(attr))
@@ -72,8 +83,6 @@ def empty_model(model_path: str, task: str, labels: list[str], dtype: torch.dtyp
     if not folder.is_dir():
         raise NotStreamable(f"{model_path} is not a local folder")
     config = load_config(model_path, **head_fields(task, labels))
-    if is_vision_language(config):
-        raise NotStreamable("a vision-language checkpoint's tensor names are rewritten as transformers loads it")
     if getattr(config, "quantization_config", None):
         raise NotStreamable("the checkpoint is quantised")
     try:
@@ -85,11 +94,7 @@ def empty_model(model_path: str, task: str, labels: list[str], dtype: torch.dtyp
     if getattr(config, "tie_word_embeddings", False):  # init_empty_weights makes a new tensor of each it moves
         model.tie_weights()
     state = model.state_dict(keep_vars=True)  # the tensors themselves: a tied one under each of its names
-    names, keys = set(state), {}
-    for key in checkpoint.file_of:
-        name = model_key(key, names, model.base_model_prefix)
-        if name is not None and checkpoint.shape(key) == tuple(state[name].shape):  # another head's: missing
-            keys[name] = key
+    keys = checkpoint_names(model, state, checkpoint)
     loaded = {id(state[name]) for name in keys}
     missing = [name for name, t in state.items() if t.is_meta and id(t) not in loaded]
     try:
@@ -101,9 +106,32 @@ def empty_model(model_path: str, task: str, labels: list[str], dtype: torch.dtyp
             tensor.copy_(checkpoint.tensor(keys[name]))
     weights = Weights(checkpoint, keys, {name: state[name].dtype for name in keys})
     if quantize:
-        for name in nf4_layer_names(model, {*SEQ_CLS_HEADS, *keep_dense}):
+        vlm = is_vision_language(config)
+        for name in (linears_to_quantize(model, kept_dense(model, keep_dense)) if vlm else
+                     nf4_layer_names(model, {*SEQ_CLS_HEADS, *keep_dense})):
             linear = model.get_submodule(name)
             replace_module(model, name, NF4Linear(empty_nf4(linear.weight.shape, dtype), linear.bias))
     model.requires_grad_(False)
     return with_pad_token(model.eval()), weights
 
+
+
+def checkpoint_names(model: nn.Module, state: dict[str, torch.Tensor], checkpoint: Checkpoint) -> dict[str, str]:
+    """{model name: checkpoint key} for each checkpoint tensor that loads as one model tensor of its shape (a head
+    for other labels does not), the key renamed as transformers renames it while loading (a vision-language
+    model's parts, the base model's prefix, legacy names). Raises NotStreamable where loading converts tensors
+    (several into one, or one into several)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    names = {}
+    for key in checkpoint.file_of:
+        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        if converted is not None:
+            raise NotStreamable(f"transformers converts the checkpoint's {key} as it loads (fused or split tensors)")
+        if name in state and checkpoint.shape(key) == tuple(state[name].shape):
+            names[name] = key
+    return names

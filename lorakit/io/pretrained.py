@@ -115,15 +115,20 @@ def load_tokenizer(model_path: str):
 
 
 def quantize_language_model(model: nn.Module, keep_dense: tuple[str, ...] = ()) -> list[str]:
-    """A vision-language model's language-model Linears in NF4 (its vision tower, projector, head and
-    `keep_dense` stay in the compute dtype); returns the names quantised."""
+    """A vision-language model's language-model Linears in NF4; returns the names quantised."""
     from lorakit.quant.linear4bit import quantize_linears
 
+    return quantize_linears(model, kept_dense(model, keep_dense))
+
+
+def kept_dense(model: nn.Module, keep_dense: tuple[str, ...] = ()) -> set[str]:
+    """What a vision-language model's 4-bit loading keeps in the compute dtype: its vision tower, projector,
+    head and `keep_dense` (module names, or last parts)."""
     parts = VLM_PARTS.get(model.config.model_type)
     dense = (*parts.vit, *parts.aligner) if parts else ()
     skip = {name for name, _ in model.named_modules() if any(name.startswith(f"{p}.") for p in dense)}
     head = [name for name, m in model.named_modules() if m is model.get_output_embeddings()]
-    return quantize_linears(model, skip | set(head) | set(keep_dense))
+    return skip | set(head) | set(keep_dense)
 
 
 def model_class(config, task: str):

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+                      torch.float8_e5m2: "F8_E5M2"}
+DTYPE_OF = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -32,25 +39,43 @@ def model_key(key: str, model_keys: set[str], prefix: str) -> str | None:
 
 
 class Checkpoint:
-    """A model folder's tensors by checkpoint key, read from its safetensors files one at a time."""
+    """A model folder's tensors by checkpoint key, read from its safetensors files one at a time. Each read
+    copies the tensor's bytes out of the file (no memory map), so a process holds only what it keeps."""
 
     def __init__(self, folder: str | os.PathLike):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         self.files = checkpoint_files(self.folder)
-        self.readers = {file: safe_open(str(file), framework="pt") for file in self.files}  # each opened once
-        self.file_of: dict[str, Path] = {key: file for file, reader in self.readers.items() for key in reader.keys()}
+        self.entries: dict[str, tuple[Path, dict, int]] = {}  # key -> (file, header entry, where its data starts)
+        for file in self.files:
+            try:
+                with open(file, "rb") as f:
+                    size = struct.unpack("<Q", f.read(8))[0]
+                    header = json.loads(f.read(size))
+            except (struct.error, ValueError) as err:
+                raise ValueError(f"{file} is not a safetensors file: its header does not read ({err})") from None
+            header.pop("__metadata__", None)
+            self.entries.update({key: (file, entry, 8 + size) for key, entry in header.items()})
+        self.file_of: dict[str, Path] = {key: file for key, (file, _, _) in self.entries.items()}
 
     def tensor(self, key: str) -> torch.Tensor:
-        return self.readers[self.file_of[key]].get_tensor(key)
+        file, entry, data = self.entries[key]
+        if entry["dtype"] not in DTYPE_OF:
+            raise ValueError(f"{file}: tensor {key} has dtype {entry['dtype']}, which lorakit does not read "
+                             f"(it reads {', '.join(DTYPE_OF)})")
+        start, end = entry["data_offsets"]
+        buffer = bytearray(end - start)
+        with open(file, "rb") as f:
+            f.seek(data + start)
+            f.readinto(buffer)
+        flat = torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
+        return flat.view(DTYPE_OF[entry["dtype"]]).reshape(entry["shape"])
 
     def shape(self, key: str) -> tuple[int, ...]:
         """A tensor's shape, from the file's header (no data read)."""
-        return tuple(self.readers[self.file_of[key]].get_slice(key).get_shape())
+        return tuple(self.entries[key][1]["shape"])
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(key, tensor) for every tensor, file by file, in each file's order."""
-        for reader in self.readers.values():
-            for key in reader.keys():
-                yield key, reader.get_tensor(key)
+        """(key, tensor) for every tensor, file by file, by key."""
+        for file in self.files:
+            for key in sorted(k for k, f in self.file_of.items() if f == file):
+                yield key, self.tensor(key)

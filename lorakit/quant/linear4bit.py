@@ -121,9 +121,13 @@ def quantize_linears(model: nn.Module, skip: set[str] = frozenset(), blocksize: 
     at a time; returns the names replaced."""
     from lorakit.modules import replace_module
 
-    replaced = []
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and name not in skip and name.rsplit(".", 1)[-1] not in skip:
-            replace_module(model, name, NF4Linear.from_linear(module, blocksize, double_quant))
-            replaced.append(name)
-    return replaced
+    names = linears_to_quantize(model, skip)
+    for name in names:
+        replace_module(model, name, NF4Linear.from_linear(model.get_submodule(name), blocksize, double_quant))
+    return names
+
+
+def linears_to_quantize(model: nn.Module, skip: set[str] = frozenset()) -> list[str]:
+    """The nn.Linear layers quantize_linears replaces: all but those named in `skip` (full names or last parts)."""
+    return [name for name, module in model.named_modules()
+            if type(module) is nn.Linear and name not in skip and name.rsplit(".", 1)[-1] not in skip]

@@ -11,13 +11,10 @@ from pathlib import Path
 import torch
 
 from lorakit.io import files
+from lorakit.io.weights import SAFETENSORS_DTYPES
 
 INDEX_NAME = "model.safetensors.index.json"
 # What a model folder holds besides its configuration, tokenizer and processor files.
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
-                      torch.float8_e5m2: "F8_E5M2"}
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf)$|.*\.safetensors\.index\.json$")
 
 

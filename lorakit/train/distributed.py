@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lorakit.io.empty_model import NotStreamable
+from lorakit.io.empty_model import NotStreamable, Weights
 from lorakit.train import fsdp
 
 
@@ -72,11 +72,11 @@ class StepModule(nn.Module):
 @dataclass
 class Built:
     model: nn.Module
-    weights: fsdp.Weights | None = None  # a model built empty: its checkpoint, read as wrap() shards it
+    weights: Weights | None = None  # a model built empty: its checkpoint, read as wrap() shards it
     note: str = ""  # how it was loaded, when that is worth saying
 
 
-def build(load: Callable[[], nn.Module], load_empty: Callable[[], tuple[nn.Module, fsdp.Weights]],
+def build(load: Callable[[], nn.Module], load_empty: Callable[[], tuple[nn.Module, Weights]],
           prepare: Callable[[nn.Module], nn.Module], ctx: Dist, sharded: bool) -> Built:
     """This rank's model: prepare(load()) (load the base on the CPU, attach adapters), moved to the device.
     Under FSDP2 every rank builds it empty (load_empty) and wrap() fills and shards it block by block; where

@@ -75,9 +75,9 @@ SAVED_COPY = re.compile(r"\.modules_to_save\.[^.]+")  # a modules_to_save copy's
 
 
 def _materialise(hf: nn.Module, module: nn.Module, weights: Weights) -> None:
-    """Every meta tensor under `module` (a module of the transformers model `hf`) made real on the CPU: the
-    base's read from the checkpoint (a modules_to_save copy reads its original's), then DoRA's magnitudes from
-    the weights they start from."""
+    """Every meta tensor under `module` (a module of the transformers model `hf`, one FSDP unit) made real on the
+    CPU: the base's read from the checkpoint (a modules_to_save copy reads its original's), then DoRA's
+    magnitudes from the weights they start from."""
     path = next(name for name, m in hf.named_modules() if m is module)
     for name, sub in module.named_modules(prefix=path):
         name = SAVED_COPY.sub("", name)
@@ -88,6 +88,7 @@ def _materialise(hf: nn.Module, module: nn.Module, weights: Weights) -> None:
             for adapter, magnitude in layer.lora_magnitude_vector.items():
                 if magnitude.is_meta:
                     layer.lora_magnitude_vector[adapter] = nn.Parameter(layer.initial_magnitude(adapter))
+    weights.forget()  # ties stay within a unit, as FSDP2 shards them
 
 
 def built_on_main(load: Callable[[], nn.Module], prepare: Callable[[nn.Module], nn.Module], rank: int) -> nn.Module:

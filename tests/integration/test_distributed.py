@@ -153,17 +153,18 @@ EMPTY_BUILDS = {
     "llama, NF4 base, DoRA": ("llama", "causal_lm", [], True, dict(use_dora=True)),
     "bert, new 2-label head": ("bert", "seq_cls", ["no", "yes"], False, dict(task_type="SEQ_CLS")),
     "gpt2, tied head, full": ("gpt2", "causal_lm", [], False, None),
+    "qwen2_vl, NF4 language model": ("qwen2_vl", "causal_lm", [], True, {}),  # keys renamed as transformers loads
 }
 
 
 def _empty_build_source(folder, case: str) -> tuple:
-    from helpers import save_tiny_bert_classifier, save_tiny_causal_lm
+    from helpers import save_tiny_bert_classifier, save_tiny_causal_lm, save_tiny_vlm
 
     arch, task, labels, quantize, _ = EMPTY_BUILDS[case]
     path = folder / arch
     if not path.exists():
-        (save_tiny_bert_classifier if arch == "bert" else save_tiny_causal_lm)(path, **({"arch": arch} if arch !=
-                                                                                        "bert" else {}))
+        save = {"bert": save_tiny_bert_classifier, "qwen2_vl": lambda p: save_tiny_vlm(p, arch)}
+        save.get(arch, lambda p: save_tiny_causal_lm(p, arch=arch))(path)
     return str(path), task, labels, torch.float32, quantize, ()
 
 

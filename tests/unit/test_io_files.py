@@ -1,4 +1,5 @@
-"""lorakit.io.files: whole files or none, with the mode the user's umask gives."""
+"""lorakit.io.files: whole files or none, with the mode the user's umask gives; lorakit.io.weights: a
+checkpoint's tensors read back."""
 import os
 import stat
 
@@ -60,3 +61,23 @@ def test_a_training_checkpoint_gets_the_umask_mode(tmp_path, umask_027):
     folder = save_checkpoint(tmp_path, 2, model, optimizer, scheduler, [], {"run_id": "r"})
     assert {p.name: mode(p) for p in folder.iterdir()}["trainable.safetensors"] == 0o640
     assert {mode(p) for p in folder.iterdir()} == {0o640}
+
+
+def test_a_checkpoint_reads_each_tensor_as_saved_without_mapping_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from lorakit.io.weights import Checkpoint
+
+    saved = {"w": torch.randn(3, 4), "half": torch.randn(5).bfloat16(), "mask": torch.tensor([True, False]),
+             "none": torch.empty(0, 3), "scalar": torch.tensor(3.5), "codes": torch.arange(7, dtype=torch.uint8)}
+    save_file(saved, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    checkpoint = Checkpoint(tmp_path)
+    assert [key for key, _ in checkpoint.items()] == sorted(saved)
+    for key, tensor in saved.items():
+        read = checkpoint.tensor(key)
+        assert read.dtype == tensor.dtype and torch.equal(read, tensor) and checkpoint.shape(key) == tensor.shape
+    checkpoint.tensor("codes").add_(1)  # its own memory, writable: not a view of the file
+    assert torch.equal(checkpoint.tensor("codes"), saved["codes"])
+    (tmp_path / "model.safetensors").write_bytes(b"\x05")
+    with pytest.raises(ValueError, match="is not a safetensors file"):
+        Checkpoint(tmp_path)
