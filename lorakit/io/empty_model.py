@@ -75,8 +75,8 @@ def empty_model(model_path: str, task: str, labels: list[str], dtype: torch.dtyp
     """The model load_model would give, with every checkpoint tensor left empty (meta) for Weights.fill, and
     its Linear layers as empty NF4Linears with `quantize`. What the checkpoint lacks (a new classifier head) is
     initialised here, drawing the random numbers from_pretrained draws. Raises NotStreamable where that
-    cannot be done: not a local folder of safetensors, a vision-language model (transformers renames its
-    tensors as it loads), a quantised checkpoint, or missing tensors other than a head."""
+    cannot be done: not a local folder of safetensors, a quantised checkpoint, tensors that loading fuses or
+    splits, or missing tensors other than a head."""
     from accelerate import init_empty_weights
 
     folder = Path(model_path)
@@ -95,7 +95,8 @@ def empty_model(model_path: str, task: str, labels: list[str], dtype: torch.dtyp
         model.tie_weights()
     state = model.state_dict(keep_vars=True)  # the tensors themselves: a tied one under each of its names
     keys = checkpoint_names(model, state, checkpoint)
-    loaded = {id(state[name]) for name in keys}
+    loaded = {id(state[name]): key for name, key in keys.items()}
+    keys.update({name: loaded[id(t)] for name, t in state.items() if id(t) in loaded})  # a tied tensor's other names
     missing = [name for name, t in state.items() if t.is_meta and id(t) not in loaded]
     try:
         initialise_heads(model, missing)

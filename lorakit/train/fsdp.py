@@ -9,9 +9,9 @@ uint8 parameters of their block, gathered as bytes and dequantised after gatheri
 Every rank builds the model empty (meta) from its config and attaches the adapters, drawing the random
 numbers one process draws; then, block by block, it reads that block's tensors from the checkpoint
 (quantising an NF4 base as it goes), shards the block and keeps only its own shards, so no rank ever holds
-the whole model. Where a model cannot be built empty (a vision-language model, a checkpoint that is not
-local safetensors), rank 0 loads it whole on the CPU and hands every other rank its shards one tensor at a
-time. Saving gathers the shards back into whole tensors on rank 0.
+the whole model. Where a model cannot be built empty (io.empty_model.NotStreamable: a checkpoint that is not
+local safetensors, ...), rank 0 loads it whole on the CPU and hands every other rank its shards one tensor at
+a time. Saving gathers the shards back into whole tensors on rank 0.
 """
 from __future__ import annotations
 

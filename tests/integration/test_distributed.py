@@ -243,6 +243,27 @@ def test_fsdp_builds_the_model_empty_on_every_rank_and_fills_it_as_one_process_l
     assert rank1["tied"] == _tied(want)
 
 
+def test_a_tied_head_trained_as_a_module_to_save_fills_from_the_embedding(tmp_path):
+    """GPT-2's checkpoint holds its tied head once, as the input embedding; the head's trainable copy reads it."""
+    from helpers import save_tiny_causal_lm
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.io.empty_model import empty_model
+    from lorakit.io.pretrained import load_model
+
+    source = (save_tiny_causal_lm(tmp_path / "gpt2", arch="gpt2"), "causal_lm", [], torch.float32, False, ())
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    torch.manual_seed(0)
+    model, weights = fsdp.built_empty(lambda: empty_model(*source), lambda base: get_peft_model(base, config))
+    hf = model.get_base_model()
+    fsdp._materialise(hf, hf, weights)
+    torch.manual_seed(0)
+    want = get_peft_model(load_model(*source), config)
+    assert dict(model.named_parameters()).keys() == dict(want.named_parameters()).keys()
+    for (name, got), expected in zip(model.named_parameters(), want.parameters()):
+        assert torch.equal(got, expected), name
+    assert hf.lm_head.modules_to_save["default"].weight is not hf.transformer.wte.weight
+
+
 def test_a_model_that_cannot_be_built_empty_says_why(tmp_path):
     from lorakit.io.empty_model import NotStreamable, empty_model
 
