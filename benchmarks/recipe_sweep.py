@@ -54,7 +54,7 @@ GROUPS = {
                                                                       (16, 2e-3))],
     "alpha16": [{"lora_alpha": 16, "learning_rate": lr} for lr in (5e-4, 1.5e-3)]
     + [{"lora_alpha": 16, "learning_rate": 2e-3, "warmup_ratio": 0.1}],
-    "rank": [{"lora_rank": r} for r in (4, 16, 64)],
+    "rank": [{"lora_rank": r} for r in (4, 16, 32, 64)],
     "alpha": [{"lora_alpha": a} for a in (8, 32)],  # around the default 2 x rank = 16
     "rslora": [{"use_rslora": True}],
     "batch": [{"per_device_train_batch_size": b} for b in (4, 16, 32)],
@@ -62,6 +62,8 @@ GROUPS = {
     "schedule": [{"lr_scheduler_type": s} for s in ("linear", "constant")],
     "dropout": [{"lora_dropout": d} for d in (0.0, 0.1)],
     "targets": [{"target_modules": ["query", "value"]}],
+    # all-linear plus the word embedding ("all-linear" takes no other name, so the Linear names are listed)
+    "embeddings": [{"target_modules": ["query", "key", "value", "dense", "word_embeddings"]}],
     "loraplus": [{"loraplus_lr_ratio": k} for k in (4.0, 16.0)],
     "full": [{"train_type": "full", "learning_rate": lr} for lr in (None, 2e-5, 1e-4)],
     "full_default": [{"train_type": "full"}],
@@ -72,16 +74,19 @@ GROUPS = {
 
 
 def defaults_id() -> str:
-    """A short id of lorakit's defaults as they are now (the fields a recipe leaves unset and the learning-rate
-    rule): a recipe's runs under other defaults are kept apart."""
+    """A short id of lorakit's defaults as they are now: the fields a recipe leaves unset and the values of the
+    learning-rate rule over a grid of train types, tasks, steps and ranks (not its source, so a reformat keeps
+    the id). A recipe's runs under other defaults are kept apart."""
     import hashlib
-    import inspect
 
-    from lorakit.train import prepare
     from lorakit.train.args import TrainArgs
+    from lorakit.train.prepare import default_learning_rate
 
     fields = {k: v for k, v in TrainArgs().to_dict().items() if k not in ("output_dir", "model", "dataset")}
-    text = json.dumps(fields, sort_keys=True, default=str) + inspect.getsource(prepare.default_learning_rate)
+    rates = [[t, task, steps, rank, default_learning_rate(t, task, steps, rank)]
+             for t in ("lora", "dora", "qlora", "full") for task in ("seq_cls", "causal_lm")
+             for steps in (10, 100, 105, 264, 1000, 5000) for rank in (4, 8, 16, 64)]
+    text = json.dumps([fields, rates], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 

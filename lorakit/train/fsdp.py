@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lorakit.io.empty_model import Weights
 from lorakit.lora.layers import LoraLayer, LoraLinear
@@ -154,7 +155,9 @@ def shard(root: nn.Module, model: nn.Module, device: torch.device, world: int, r
     mesh = init_device_mesh(device.type, (world,))
     precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
                  else MixedPrecisionPolicy())
-    for block in transformer_blocks(model):
+    blocks = transformer_blocks(model)
+    for block in tqdm(blocks, desc="read and shard", unit="block", disable=weights is None or rank != 0,
+                      dynamic_ncols=True):
         if weights is not None:
             _materialise(hf, block, weights)
         fully_shard(block, mesh=mesh, mp_policy=precision)

@@ -226,11 +226,12 @@ def test_fsdp_builds_the_model_empty_on_every_rank_and_fills_it_as_one_process_l
     from lorakit.io.pretrained import load_model
     from lorakit.train.fsdp import transformer_blocks
 
+    source = _empty_build_source(tmp_path, case)  # saved here, once: the ranks only read it
     torch.multiprocessing.spawn(_build_empty_on_two_ranks, args=(str(tmp_path), case), nprocs=2)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert "no rank holds the whole model" in rank1["note"]
     torch.manual_seed(0)
-    want = _empty_build_prepare(case)(load_model(*_empty_build_source(tmp_path, case)))
+    want = _empty_build_prepare(case)(load_model(*source))
     blocks = transformer_blocks(want)
     in_blocks = {id(p) for block in blocks for p in block.parameters()}
     nbytes = lambda params: sum(p.numel() * p.element_size() for p in params)  # noqa: E731
