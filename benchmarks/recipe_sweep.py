@@ -69,6 +69,8 @@ GROUPS = {
     "full_default": [{"train_type": "full"}],
     "methods": [{"train_type": t} for t in ("dora", "qlora")],
     "auto": [{"learning_rate": "auto"}],
+    "fp32": [{"bf16": False}],  # lorakit's default on this CPU is bf16 autocast
+    "fp32_rank32": [{"bf16": False, "lora_rank": 32}],
     "full_auto": [{"train_type": "full", "learning_rate": "auto"}],
 }
 
