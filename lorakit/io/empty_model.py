@@ -53,8 +53,8 @@ class Weights:
                     self._put(module, attr, value)
         for attr, tensor in [*module._parameters.items(), *module._buffers.items()]:
             if tensor is not None and tensor.is_meta:
-                made = self.made.get(id(tensor))
-                self._put(module, attr, made[1] if made else self.read(f"{name}.{attr}"))
+                made = self.made.get(id(tensor))  # read in the dtype loading gives it, then cast as the model was
+                self._put(module, attr, made[1] if made else self.read(f"{name}.{attr}").to(tensor.dtype))
 
     def forget(self) -> None:
         """Let go of the tensors filled so far (once they are sharded, only their shards should stay)."""

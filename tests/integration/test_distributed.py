@@ -245,23 +245,26 @@ def test_fsdp_builds_the_model_empty_on_every_rank_and_fills_it_as_one_process_l
 
 
 def test_a_tied_head_trained_as_a_module_to_save_fills_from_the_embedding(tmp_path):
-    """GPT-2's checkpoint holds its tied head once, as the input embedding; the head's trainable copy reads it."""
+    """GPT-2's checkpoint holds its tied head once, as the input embedding; the head's trainable copy reads it,
+    in bf16 as the frozen base loads, then in fp32 as the trainer casts what it trains."""
     from helpers import save_tiny_causal_lm
-    from lorakit import LoraConfig, get_peft_model
     from lorakit.io.empty_model import empty_model
     from lorakit.io.pretrained import load_model
+    from lorakit.train.args import TrainArgs
+    from lorakit.train.model import prepare_model
 
-    source = (save_tiny_causal_lm(tmp_path / "gpt2", arch="gpt2"), "causal_lm", [], torch.float32, False, ())
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    source = (save_tiny_causal_lm(tmp_path / "gpt2", arch="gpt2"), "causal_lm", [], torch.bfloat16, False, ())
+    args = TrainArgs(lora_rank=4, lora_alpha=8, target_modules=["c_attn"], modules_to_save=["lm_head"])
     torch.manual_seed(0)
-    model, weights = fsdp.built_empty(lambda: empty_model(*source), lambda base: get_peft_model(base, config))
+    model, weights = fsdp.built_empty(lambda: empty_model(*source), lambda base: prepare_model(base, args, "causal_lm"))
     hf = model.get_base_model()
     fsdp._materialise(hf, hf, weights)
     torch.manual_seed(0)
-    want = get_peft_model(load_model(*source), config)
+    want = prepare_model(load_model(*source), args, "causal_lm")
     assert dict(model.named_parameters()).keys() == dict(want.named_parameters()).keys()
     for (name, got), expected in zip(model.named_parameters(), want.parameters()):
-        assert torch.equal(got, expected), name
+        assert got.dtype == expected.dtype and torch.equal(got, expected), name
+    assert hf.lm_head.modules_to_save["default"].weight.dtype == torch.float32
     assert hf.lm_head.modules_to_save["default"].weight is not hf.transformer.wte.weight
 
 
