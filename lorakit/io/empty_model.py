@@ -21,7 +21,7 @@ from lorakit.io.pretrained import (
 from lorakit.io.weights import Checkpoint
 from lorakit.modules import replace_module
 from lorakit.quant.linear4bit import NF4Linear, linears_to_quantize
-from lorakit.quant.nf4 import empty_nf4, quantize_nf4
+from lorakit.quant.nf4 import NF4Weight, empty_nf4, quantize_nf4
 
 
 class NotStreamable(ValueError):
@@ -29,50 +29,29 @@ class NotStreamable(ValueError):
 
 
 class Weights:
-    """A model's checkpoint tensors by the model's own names, each read in the dtype loading gives it."""
+    """A model's checkpoint tensors by the model's own names, read whole or a range of rows at a time, each in
+    the dtype loading gives it; a 4-bit layer's weight quantised as it is read."""
 
     def __init__(self, checkpoint: Checkpoint, keys: dict[str, str], dtypes: dict[str, torch.dtype]):
         self.checkpoint, self.keys, self.dtypes = checkpoint, keys, dtypes
-        self.made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(meta tensor) -> (it, its real one)
+        self._quantized: tuple[str, NF4Weight] | None = None  # the last weight quantised (its storage is 4 tensors)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """The tensor `name`, or `count` of its rows from `start`."""
         if name not in self.keys:
             raise KeyError(f"{name} is not in the checkpoint {self.checkpoint.folder}")
-        return self.checkpoint.tensor(self.keys[name]).to(self.dtypes[name])
+        return self.checkpoint.tensor(self.keys[name], start, count).to(self.dtypes[name])
 
-    def fill(self, module: nn.Module, name: str) -> None:
-        """Make the meta tensors `module` holds itself real (on the CPU); `name` is its path in the model. An
-        NF4Linear's storage is its checkpoint weight quantised; a tensor met before (tied) since the last forget()
-        stays one tensor."""
-        if isinstance(module, NF4Linear) and module.weight_packed.is_meta:
-            q = quantize_nf4(self.read(f"{name}.weight"), module.blocksize, module.weight_nested_absmax is not None)
-            module.offset = q.offset
-            for attr, value in (("weight_packed", q.data), ("weight_absmax", q.absmax),
-                                ("weight_nested_absmax", q.nested_absmax), ("weight_nested_code", q.nested_code)):
-                if value is not None:
-                    self._put(module, attr, value)
-        for attr, tensor in [*module._parameters.items(), *module._buffers.items()]:
-            if tensor is not None and tensor.is_meta:
-                made = self.made.get(id(tensor))  # read in the dtype loading gives it, then cast as the model was
-                self._put(module, attr, made[1] if made else self.read(f"{name}.{attr}").to(tensor.dtype))
-
-    def forget(self) -> None:
-        """Let go of the tensors filled so far (once they are sharded, only their shards should stay)."""
-        self.made.clear()
-
-    def _put(self, module: nn.Module, attr: str, value: torch.Tensor) -> None:
-        old = module._parameters.get(attr, module._buffers.get(attr))
-        if attr in module._parameters:
-            value = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=old.requires_grad)
-            module._parameters[attr] = value
-        else:
-            module._buffers[attr] = value
-        self.made[id(old)] = (old, value)
+    def quantized(self, name: str, blocksize: int, double_quant: bool) -> NF4Weight:
+        """The weight `name` in NF4, as 4-bit loading stores it."""
+        if self._quantized is None or self._quantized[0] != name:
+            self._quantized = name, quantize_nf4(self.read(name), blocksize, double_quant)
+        return self._quantized[1]
 
 
 def empty_model(model_path: str, task: str, labels: list[str], dtype: torch.dtype, quantize: bool = False,
                 keep_dense: tuple[str, ...] = ()) -> tuple[nn.Module, Weights]:
-    """The model load_model would give, with every checkpoint tensor left empty (meta) for Weights.fill, and
+    """The model load_model would give, with every checkpoint tensor left empty (meta) to be filled from Weights, and
     its Linear layers as empty NF4Linears with `quantize`. What the checkpoint lacks (a new classifier head) is
     initialised here, drawing the random numbers from_pretrained draws. Raises NotStreamable where that
     cannot be done: not a local folder of safetensors, a quantised checkpoint, tensors that loading fuses or

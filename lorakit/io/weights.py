@@ -57,18 +57,22 @@ class Checkpoint:
             self.entries.update({key: (file, entry, 8 + size) for key, entry in header.items()})
         self.file_of: dict[str, Path] = {key: file for key, (file, _, _) in self.entries.items()}
 
-    def tensor(self, key: str) -> torch.Tensor:
+    def tensor(self, key: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """The tensor, or `count` of its rows (along the first dimension) from `start`: only those bytes are read."""
         file, entry, data = self.entries[key]
         if entry["dtype"] not in DTYPE_OF:
             raise ValueError(f"{file}: tensor {key} has dtype {entry['dtype']}, which lorakit does not read "
                              f"(it reads {', '.join(DTYPE_OF)})")
-        start, end = entry["data_offsets"]
-        buffer = bytearray(end - start)
+        shape, (first, last) = list(entry["shape"]), entry["data_offsets"]
+        if count is not None:
+            row = (last - first) // shape[0] if shape[0] else 0
+            first, last, shape = first + start * row, first + (start + count) * row, [count, *shape[1:]]
+        buffer = bytearray(last - first)
         with open(file, "rb") as f:
-            f.seek(data + start)
+            f.seek(data + first)
             f.readinto(buffer)
         flat = torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
-        return flat.view(DTYPE_OF[entry["dtype"]]).reshape(entry["shape"])
+        return flat.view(DTYPE_OF[entry["dtype"]]).reshape(shape)
 
     def shape(self, key: str) -> tuple[int, ...]:
         """A tensor's shape, from the file's header (no data read)."""

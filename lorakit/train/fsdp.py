@@ -7,9 +7,9 @@ and the optimiser state stay fp32. A 4-bit (NF4) base is sharded too: its packed
 uint8 parameters of their block, gathered as bytes and dequantised after gathering.
 
 Every rank builds the model empty (meta) from its config and attaches the adapters, drawing the random
-numbers one process draws; then, block by block, it reads that block's tensors from the checkpoint
-(quantising an NF4 base as it goes), shards the block and keeps only its own shards, so no rank ever holds
-the whole model. Where a model cannot be built empty (io.empty_model.NotStreamable: a checkpoint that is not
+numbers one process draws; then, block by block, it shards the block and reads only its own rows of the
+block's tensors from the checkpoint (a 4-bit weight whole, to quantise it, then sliced), so no rank ever
+holds the whole model. Where a model cannot be built empty (io.empty_model.NotStreamable: a checkpoint that is not
 local safetensors, ...), rank 0 loads it whole on the CPU and hands every other rank its shards one tensor at
 a time. Saving gathers the shards back into whole tensors on rank 0.
 """
@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from lorakit.io.empty_model import Weights
 from lorakit.lora.layers import LoraLayer, LoraLinear
 from lorakit.model.peft_model import PeftModel
-from lorakit.model.targeting import is_adapter_internal
 from lorakit.quant.linear4bit import NF4Linear
 
 
@@ -53,7 +52,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 def built_empty(load_empty: Callable[[], tuple[nn.Module, Weights]], prepare: Callable[[nn.Module], nn.Module]
                 ) -> tuple[nn.Module, Weights]:
     """prepare(the model built empty), with its adapters made on the CPU as one process makes them; the base's
-    tensors stay meta until shard() fills them block by block from the returned Weights."""
+    tensors stay meta until shard() fills each rank's shards from the returned Weights."""
     base, weights = load_empty()
     with torch.device("meta"):
         model = prepare(base)
@@ -73,23 +72,67 @@ def _create_adapters(model: nn.Module) -> None:
 
 
 SAVED_COPY = re.compile(r"\.modules_to_save\.[^.]+")  # a modules_to_save copy's part of a module path
+NF4_STORAGE = {"weight_packed": "data", "weight_absmax": "absmax", "weight_nested_absmax": "nested_absmax",
+               "weight_nested_code": "nested_code"}  # an NF4Linear's tensors -> NF4Weight's fields
 
 
-def _materialise(hf: nn.Module, module: nn.Module, weights: Weights) -> None:
-    """Every meta tensor under `module` (a module of the transformers model `hf`, one FSDP unit) made real on the
-    CPU: the base's read from the checkpoint (a modules_to_save copy reads its original's), then DoRA's
-    magnitudes from the weights they start from."""
+@torch.no_grad()
+def _fill_shards(hf: nn.Module, module: nn.Module, weights: Weights, device: torch.device, world: int,
+                 rank: int) -> None:
+    """After fully_shard(`module`), a module of the transformers model `hf` built empty: each of its meta tensors
+    allocated on the device and filled with this rank's rows (FSDP2 gives rank r the r-th chunk of dim 0,
+    torch.chunk's way; a buffer whole). Dense rows are read alone from the checkpoint; a 4-bit weight is read
+    whole, quantised, and its storage sliced; a modules_to_save copy reads its original's."""
     path = next(name for name, m in hf.named_modules() if m is module)
-    for name, sub in module.named_modules(prefix=path):
-        name = SAVED_COPY.sub("", name)
-        if not is_adapter_internal(name):
-            weights.fill(getattr(sub, "base_layer", sub), name)
-    for layer in module.modules():
-        if isinstance(layer, LoraLinear):
-            for adapter, magnitude in layer.lora_magnitude_vector.items():
-                if magnitude.is_meta:
-                    layer.lora_magnitude_vector[adapter] = nn.Parameter(layer.initial_magnitude(adapter))
-    weights.forget()  # ties stay within a unit, as FSDP2 shards them
+    todo = {}  # a tied parameter stays one (see _allocate), filled once, from the first module that holds it
+    for name, sub in reversed(list(module.named_modules(prefix=path))):
+        for attr, t in [*sub._parameters.items(), *sub._buffers.items()]:
+            if t is not None and t.is_meta:
+                todo[id(t) if attr in sub._parameters else (id(sub), attr)] = sub, attr, SAVED_COPY.sub("", name)
+    _allocate(module, device)
+    for sub, attr, name in todo.values():
+        if attr in sub._buffers:  # replicated: the tensor itself (a code table stays shared, as loading shares it)
+            sub._buffers[attr] = _rows(hf, sub, attr, name, 0, None, weights).to(device)
+            continue
+        local = sub._parameters[attr].to_local()
+        start = rank * -(-sub._parameters[attr].shape[0] // world)
+        local.copy_(_rows(hf, sub, attr, name, start, local.shape[0], weights))
+
+
+def _rows(hf: nn.Module, owner: nn.Module, attr: str, name: str, start: int, count: int | None,
+          weights: Weights) -> torch.Tensor:
+    """Rows [start, start + count) (all: None) of the tensor `attr` of `owner`, the module at `name` in `hf`."""
+    base = getattr(owner, "base_layer", owner)
+    if isinstance(base, NF4Linear) and attr in NF4_STORAGE:
+        q = weights.quantized(f"{name}.weight", base.blocksize, base.weight_nested_absmax is not None)
+        base.offset = q.offset
+        value = getattr(q, NF4_STORAGE[attr])
+        return value if count is None else value[start:start + count]
+    if name.endswith(".lora_magnitude_vector"):
+        layer_name = name.removesuffix(".lora_magnitude_vector")
+        return _magnitude_rows(hf.get_submodule(layer_name), layer_name, attr, start, count, weights)
+    return weights.read(f"{name}.{attr}", start, count)
+
+
+def _magnitude_rows(layer: LoraLinear, name: str, adapter: str, start: int, count: int, weights: Weights
+                    ) -> torch.Tensor:
+    """DoRA's starting magnitude ||W + s·B·A|| for rows [start, start + count) of the output features: the rows'
+    norms of W, since B starts at zero (checked on this rank's rows of B)."""
+    from lorakit.lora.dora import weight_norm
+    from lorakit.quant.nf4 import dequantize_nf4
+
+    if layer.lora_B[adapter].weight.to_local().any():
+        raise ValueError(f"{name}: DoRA's magnitude is computed from the base weight's rows under --fsdp, which "
+                         "needs the adapter's B to start at zero (lorakit's initialisation)")
+    base = layer.base_layer
+    if isinstance(base, NF4Linear):
+        weight = dequantize_nf4(weights.quantized(f"{name}.weight", base.blocksize,
+                                                  base.weight_nested_absmax is not None))[start:start + count]
+    elif layer.fan_in_fan_out:  # GPT-2's Conv1D stores W as in x out: a row of W is a column there
+        weight = weights.read(f"{name}.weight").T[start:start + count]
+    else:
+        weight = weights.read(f"{name}.weight", start, count)
+    return weight_norm(weight, torch.zeros_like(weight)).to(layer.lora_A[adapter].weight.dtype)
 
 
 def built_on_main(load: Callable[[], nn.Module], prepare: Callable[[nn.Module], nn.Module], rank: int) -> nn.Module:
@@ -141,10 +184,10 @@ def _meta_parameter(shape: torch.Size, dtype: torch.dtype, requires_grad: bool) 
 def shard(root: nn.Module, model: nn.Module, device: torch.device, world: int, rank: int, bf16: bool,
           weights: Weights | None = None) -> None:
     """fully_shard each transformer block of `model`, then `root` (the module whose forward runs the step). A
-    model built empty (built_empty, with its `weights`) is filled block by block just before each block is
-    sharded; otherwise every rank's shards come from rank 0's weights (the other ranks' `model` is
-    built_on_main's empty one). Each unit moves to the device as it is sharded, so no device ever holds the
-    whole model."""
+    model built empty (built_empty, with its `weights`) has each unit's shards filled as it is sharded, every
+    rank reading its own rows; otherwise every rank's shards come from rank 0's weights (the other ranks'
+    `model` is built_on_main's empty one). Each unit moves to the device as it is sharded, so no device ever
+    holds the whole model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -156,15 +199,15 @@ def shard(root: nn.Module, model: nn.Module, device: torch.device, world: int, r
     precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
                  else MixedPrecisionPolicy())
     blocks = transformer_blocks(model)
-    for block in tqdm(blocks, desc="read and shard", unit="block", disable=weights is None or rank != 0,
+    for block in tqdm(blocks, desc="shard and read", unit="block", disable=weights is None or rank != 0,
                       dynamic_ncols=True):
-        if weights is not None:
-            _materialise(hf, block, weights)
         fully_shard(block, mesh=mesh, mp_policy=precision)
-    if weights is not None:
-        _materialise(hf, hf, weights)
+        if weights is not None:
+            _fill_shards(hf, block, weights, device, world, rank)
     fully_shard(root, mesh=mesh, mp_policy=precision)
-    if weights is None:
+    if weights is not None:
+        _fill_shards(hf, hf, weights, device, world, rank)
+    else:
         _hand_out(root, whole, device, world, rank)
 
 
@@ -187,11 +230,13 @@ def _hand_out(root: nn.Module, whole: dict[str, torch.Tensor], device: torch.dev
 
 
 def _allocate(module: nn.Module, device: torch.device) -> None:
-    """Uninitialised storage on `device` for every (meta) tensor of `module`, as to_empty() allocates, but a
-    tensor held in several places (a code table shared by layers) stays one tensor, as on rank 0."""
+    """Uninitialised storage on `device` for every meta tensor of `module`, as to_empty() allocates (the others
+    kept), but a tensor held in several places (a code table shared by layers) stays one tensor."""
     made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def empty(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_meta:
+            return t
         if id(t) not in made:
             made[id(t)] = (t, torch.empty_like(t, device=device))
         return made[id(t)][1]
