@@ -1,6 +1,6 @@
-"""A model built empty (meta tensors) from its config.json, its weights read from its safetensors files a module
-at a time later on: under FSDP each rank fills one block, shards it and goes on, so no rank ever holds the whole
-model. An NF4 base is quantised as each weight is read."""
+"""A model built empty (meta tensors) from its config.json, its weights read from its safetensors files later,
+a tensor (or a range of its rows) at a time: under FSDP each rank shards a block and reads only its own rows
+into it, so no rank ever holds the whole model. An NF4 base is quantised as each weight is read."""
 from __future__ import annotations
 
 from pathlib import Path
