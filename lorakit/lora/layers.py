@@ -412,4 +412,24 @@ class ModulesToSave(WrapsBase):
     def forward(self, *args, **kwargs):
         if self.disabled or self.active_adapter not in self.modules_to_save:
             return self.base_layer(*args, **kwargs)
-        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+        trained = self.modules_to_save[self.active_adapter]
+        theirs, ours = _float_dtype(self.base_layer), _float_dtype(trained)
+        if theirs == ours or theirs is None or ours is None or torch.is_autocast_enabled(_device_type(trained)):
+            return trained(*args, **kwargs)
+        # A copy trained in another dtype than the frozen model around it (fp32 in a bf16 base without
+        # autocast): it takes the model's tensors in its dtype and gives back the original's.
+        out = trained(*(a.to(ours) if _is_float(a) else a for a in args),
+                    **{k: v.to(ours) if _is_float(v) else v for k, v in kwargs.items()})
+        return out.to(theirs) if _is_float(out) else out
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def _device_type(module: nn.Module) -> str:
+    return next((p.device.type for p in module.parameters()), "cpu")
+
+
+def _is_float(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()

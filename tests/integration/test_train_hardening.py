@@ -234,3 +234,11 @@ def test_a_non_utf8_config_file_is_named(tmp_path):
     config.write_bytes(b"lora_rank: 4\nsystem: caf\xe9\n")
     with pytest.raises(ValueError, match=r"run.yaml:2: not UTF-8"):
         parse_train_args(["--config", str(config)])
+
+
+def test_a_bf16_base_without_autocast_trains_a_module_to_save(tiny_lm_dir, alpaca_file, tmp_path):
+    """--torch_dtype bfloat16 --bf16 false: the frozen base computes in bf16, the trained embedding copy in fp32."""
+    flags = quick_args(tiny_lm_dir, alpaca_file, tmp_path / "out", max_steps=2, bf16="false", torch_dtype="bfloat16")
+    assert main(["train", *flags, "--modules_to_save", "embed_tokens"]) == 0
+    saved = adapter_weights(tmp_path / "out")
+    assert any("embed_tokens" in key for key in saved)

@@ -520,3 +520,23 @@ def test_adapter_trains_in_fp32_over_half_base_and_output_keeps_base_dtype():
     assert out.dtype == torch.bfloat16
     ref = base(x).float() + ref_lora("linear", A, B, 2.0, x.float())
     torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.02)
+
+
+def test_a_module_to_save_trained_in_fp32_fits_a_bf16_model_without_autocast():
+    """The trainer keeps trained copies in fp32 over a bf16 base (--torch_dtype bfloat16 --bf16 false): the copy
+    takes the model's bf16 tensors in fp32 and gives back bf16, as the frozen original would."""
+    from lorakit.lora.layers import ModulesToSave
+
+    torch.manual_seed(0)
+    wrapper = ModulesToSave(torch.nn.Linear(8, 3).bfloat16())
+    wrapper.add_adapter("default")
+    wrapper.active_adapter = "default"
+    wrapper.modules_to_save["default"].float()
+    x = torch.randn(2, 8).bfloat16()
+    out = wrapper(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, wrapper.modules_to_save["default"](x.float()).bfloat16())
+    same = ModulesToSave(torch.nn.Linear(8, 3))  # one dtype: called as is
+    same.add_adapter("default")
+    same.active_adapter = "default"
+    assert torch.equal(same(x.float()), same.modules_to_save["default"](x.float()))
