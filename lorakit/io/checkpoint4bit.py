@@ -15,7 +15,7 @@ from torch import nn
 
 from lorakit.families import SEQ_CLS_HEADS
 from lorakit.io import files
-from lorakit.io.weights import checkpoint_files, model_key
+from lorakit.io.weights import Checkpoint, model_key
 from lorakit.modules import replace_module
 from lorakit.quant.linear4bit import NF4Linear
 from lorakit.quant.nf4 import from_state_dict, quantize_nf4, to_state_dict
@@ -69,26 +69,20 @@ def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
     model_keys = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "")
     prequantized = {}
-    from safetensors import safe_open
-
-    for file in checkpoint_files(Path(folder)):
-        with safe_open(str(file), framework="pt") as reader:
-            keys = set(reader.keys())
-            for key in sorted(keys):
-                owner, is_state = _quant_state_owner(key)
-                if is_state or f"{key}.quant_state.bitsandbytes__nf4" in keys:
-                    prequantized.setdefault(owner, {})[key] = reader.get_tensor(key).clone()
-                    continue
-                name = model_key(key, model_keys, prefix)
-                if name is None:
-                    continue
-                tensor = reader.get_tensor(key)
-                module_name, _, attr = name.rpartition(".")
-                if module_name in quantize and attr == "weight":
-                    _put_nf4(model, module_name, quantize_nf4(tensor.to(dtype)))
-                else:  # a copy: a view into the mapped file would keep all of the file resident
-                    _set_tensor(model, name, tensor.to(dtype, copy=True) if tensor.is_floating_point()
-                                else tensor.clone())
+    checkpoint = Checkpoint(Path(folder))
+    for key, tensor in checkpoint.items():  # each read into memory of its own, not mapped from the file
+        owner, is_state = _quant_state_owner(key)
+        if is_state or f"{key}.quant_state.bitsandbytes__nf4" in checkpoint.file_of:
+            prequantized.setdefault(owner, {})[key] = tensor
+            continue
+        name = model_key(key, model_keys, prefix)
+        if name is None:
+            continue
+        module_name, _, attr = name.rpartition(".")
+        if module_name in quantize and attr == "weight":
+            _put_nf4(model, module_name, quantize_nf4(tensor.to(dtype)))
+        else:
+            _set_tensor(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
     for owner, state in prequantized.items():  # a checkpoint saved in bitsandbytes' 4-bit form
         name = model_key(f"{owner}.weight", model_keys, prefix)
         if name is None:

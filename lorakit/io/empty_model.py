@@ -95,7 +95,6 @@ def empty_model(model_path: str, task: str, labels: list[str], dtype: torch.dtyp
     return with_pad_token(model.eval()), weights
 
 
-
 def checkpoint_names(model: nn.Module, state: dict[str, torch.Tensor], checkpoint: Checkpoint) -> dict[str, str]:
     """{model name: checkpoint key} for each checkpoint tensor that loads as one model tensor of its shape (a head
     for other labels does not), the key renamed as transformers renames it while loading (a vision-language

@@ -85,8 +85,8 @@ def build(load: Callable[[], nn.Module], load_empty: Callable[[], tuple[nn.Modul
     if not sharded:
         return Built(prepare(load()).to(ctx.device))
     try:
-        return Built(*fsdp.built_empty(load_empty, prepare), note="--fsdp: each rank reads its blocks from the "
-                     "checkpoint, shards them and keeps its shards (no rank holds the whole model)")
+        return Built(*fsdp.built_empty(load_empty, prepare), note="--fsdp: each rank shards the model block by "
+                     "block and reads only its own rows from the checkpoint (no rank holds the whole model)")
     except NotStreamable as why:
         note = f"--fsdp: rank 0 loads the whole model on the CPU and hands out the shards ({why})"
     if ctx.world > 1:

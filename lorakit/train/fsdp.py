@@ -77,13 +77,13 @@ NF4_STORAGE = {"weight_packed": "data", "weight_absmax": "absmax", "weight_neste
 
 
 @torch.no_grad()
-def _fill_shards(hf: nn.Module, module: nn.Module, weights: Weights, device: torch.device, world: int,
+def _fill_shards(hf: nn.Module, module: nn.Module, path: str, weights: Weights, device: torch.device, world: int,
                  rank: int) -> None:
-    """After fully_shard(`module`), a module of the transformers model `hf` built empty: each of its meta tensors
+    """After fully_shard(`module`), the module at `path` in the transformers model `hf` built empty: each of its
+    meta tensors
     allocated on the device and filled with this rank's rows (FSDP2 gives rank r the r-th chunk of dim 0,
     torch.chunk's way; a buffer whole). Dense rows are read alone from the checkpoint; a 4-bit weight is read
     whole, quantised, and its storage sliced; a modules_to_save copy reads its original's."""
-    path = next(name for name, m in hf.named_modules() if m is module)
     todo = {}  # a tied parameter stays one (see _allocate), filled once, from the first module that holds it
     for name, sub in reversed(list(module.named_modules(prefix=path))):
         for attr, t in [*sub._parameters.items(), *sub._buffers.items()]:
@@ -198,15 +198,15 @@ def shard(root: nn.Module, model: nn.Module, device: torch.device, world: int, r
     mesh = init_device_mesh(device.type, (world,))
     precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
                  else MixedPrecisionPolicy())
-    blocks = transformer_blocks(model)
-    for block in tqdm(blocks, desc="shard and read", unit="block", disable=weights is None or rank != 0,
-                      dynamic_ncols=True):
+    paths = {id(m): name for name, m in hf.named_modules()}
+    for block in tqdm(transformer_blocks(model), desc="shard and read", unit="block",
+                      disable=weights is None or rank != 0, dynamic_ncols=True):
         fully_shard(block, mesh=mesh, mp_policy=precision)
         if weights is not None:
-            _fill_shards(hf, block, weights, device, world, rank)
+            _fill_shards(hf, block, paths[id(block)], weights, device, world, rank)
     fully_shard(root, mesh=mesh, mp_policy=precision)
     if weights is not None:
-        _fill_shards(hf, hf, weights, device, world, rank)
+        _fill_shards(hf, hf, "", weights, device, world, rank)
     else:
         _hand_out(root, whole, device, world, rank)
 
