@@ -97,12 +97,14 @@ def autocast(ctx: distributed.Dist, bf16: bool):
 
 @torch.no_grad()
 def evaluate(model, items: list[Encoded], args: TrainArgs, pad_id: int, ctx: distributed.Dist,
-             bf16: bool) -> dict[str, float]:
-    """Loss (and accuracy, for classification) over the eval set, sharded across ranks. `model`: the run's
-    step module (distributed.StepModule: forward(batch) -> (summed loss, logits or None))."""
+             bf16: bool, num_labels: int = 0) -> dict[str, float]:
+    """Loss (and, for classification, accuracy and the share of rows given the most-predicted class) over the
+    eval set, sharded across ranks. `model`: the run's step module (distributed.StepModule: forward(batch) ->
+    (summed loss, logits or None)); `num_labels`: the classifier's label count (0 for SFT)."""
     was_training = model.training
     model.eval()
     total, units, correct = 0.0, 0, 0
+    predicted = torch.zeros(num_labels, dtype=torch.long)
     mine = items[ctx.rank::ctx.world]
     for start in range(0, len(mine), args.per_device_eval_batch_size):
         batch = {k: v.to(ctx.device) for k, v in
@@ -113,14 +115,27 @@ def evaluate(model, items: list[Encoded], args: TrainArgs, pad_id: int, ctx: dis
         if logits is not None and logits.dim() == 2:
             units += len(batch["labels"])
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+            predicted += logits.argmax(-1).cpu().bincount(minlength=num_labels)[:num_labels]
         else:
             units += (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
-    total, units, correct = distributed.sum_across([total, units, correct], ctx)
+    total, units, correct, *counts = distributed.sum_across([total, units, correct, *predicted.tolist()], ctx)
     model.train(was_training)
     result = {"eval_loss": total / max(units, 1)}
     if items and isinstance(items[0].labels, int):
         result["eval_accuracy"] = correct / max(units, 1)
+        if counts:
+            result["eval_top_class_share"] = max(counts) / max(units, 1)
     return result
+
+
+def one_class_warning(metrics: dict, items: list[Encoded], rate: float) -> str | None:
+    """A warning when a trained classifier gives every eval row one class although the rows hold several:
+    the collapse a too-high learning rate causes (docs/training.md#defaults)."""
+    if metrics.get("eval_top_class_share", 0.0) < 1.0 or len({item.labels for item in items}) < 2:
+        return None
+    return (f"warning: every eval row was predicted as one class (accuracy {metrics['eval_accuracy']:.4f} is that "
+            f"class's share of the rows): the model collapsed, which at lorakit's settings means the learning rate "
+            f"({rate:.2e}) is too high for this run. Run again with a lower one, e.g. --learning_rate {rate / 2:.1e}.")
 
 
 def train(args: TrainArgs) -> dict:
@@ -292,7 +307,7 @@ def start_logs(run: Run) -> MetricsLog | None:
 
 def evaluate_run(run: Run) -> dict[str, float]:
     return evaluate(distributed.unwrap(run.engine), run.data.val, run.args, run.tokenizer.pad_token_id, run.ctx,
-                    run.bf16)
+                    run.bf16, len(run.data.labels))
 
 
 def save(run: Run, rng: dict) -> Path | None:
@@ -383,6 +398,9 @@ def train_steps(run: Run, log: MetricsLog | None, timer: float) -> None:
                 if log:
                     log.log(run.step, **run.history["eval"])
                     bar.write(f"step {run.step}: " + _fmt(run.history["eval"]))
+                    warning = one_class_warning(run.history["eval"], run.data.val, args.learning_rate)
+                    if warning:
+                        bar.write(warning)
             if run.step % save_every == 0 and not last:
                 run.last_checkpoint = save(run, checkpoints.capture_rng(run.ctx.device)) or run.last_checkpoint
     except KeyboardInterrupt:

@@ -19,7 +19,7 @@ from helpers import (
     write_jsonl,
 )
 from lorakit.cli import main
-from lorakit.train import loop
+from lorakit.train import distributed, loop
 from lorakit.train.args import TrainArgs, parse_train_args
 
 
@@ -176,8 +176,31 @@ def test_classification_on_minilm_reports_accuracy(tmp_path):
     result = loop.train(parse_train_args(quick_args("all-MiniLM-L6-v2", data, out, max_steps=12,
                                                     learning_rate=2e-3, val_dataset=val)))
     assert result["eval_accuracy"] == 1.0 and result["eval_loss"] < result["before_eval_loss"]
+    assert result["eval_top_class_share"] == 0.5  # one row of each class, each predicted right
     assert json.loads((out / "labels.json").read_text()) == ["neg", "pos"]
     assert any(k.startswith("base_model.model.classifier.") for k in adapter_weights(out))  # new head saved
+
+
+class _AlwaysSecondClass(torch.nn.Module):
+    """A step module whose classifier says class 1 for every row: a collapsed model."""
+
+    def forward(self, batch):
+        logits = torch.tensor([[0.0, 5.0, 1.0]]).repeat(len(batch["labels"]), 1)
+        return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"), logits
+
+
+def test_a_classifier_that_gives_every_row_one_class_is_called_collapsed():
+    from lorakit.data.encode import Encoded
+
+    ctx = distributed.Dist()
+    rows = [Encoded([5, 6, 7], label) for label in (0, 1, 1, 2, 1)]
+    metrics = loop.evaluate(_AlwaysSecondClass(), rows, TrainArgs(per_device_eval_batch_size=2), 0, ctx, False, 3)
+    assert metrics["eval_accuracy"] == 0.6 and metrics["eval_top_class_share"] == 1.0
+    warning = loop.one_class_warning(metrics, rows, 2e-3)
+    assert "every eval row was predicted as one class" in warning and "--learning_rate 1.0e-03" in warning
+    same_class = [Encoded([5, 6], 1)] * 3  # rows that all hold one class: one answer is right, not a collapse
+    assert loop.one_class_warning(loop.evaluate(_AlwaysSecondClass(), same_class, TrainArgs(), 0, ctx, False, 3),
+                                  same_class, 2e-3) is None
 
 
 def test_a_classifier_checkpoint_gets_a_head_for_the_new_labels(tmp_path):
