@@ -134,8 +134,9 @@ def one_class_warning(metrics: dict, items: list[Encoded], rate: float) -> str |
     if metrics.get("eval_top_class_share", 0.0) < 1.0 or len({item.labels for item in items}) < 2:
         return None
     return (f"warning: every eval row was predicted as one class (accuracy {metrics['eval_accuracy']:.4f} is that "
-            f"class's share of the rows): the model collapsed, which at lorakit's settings means the learning rate "
-            f"({rate:.2e}) is too high for this run. Run again with a lower one, e.g. --learning_rate {rate / 2:.1e}.")
+            f"class's share of the rows): the model collapsed, most often because the learning rate ({rate:.2e}) is "
+            f"too high for this run. Run again with a lower one, e.g. --learning_rate {rate / 2:.1e} "
+            "(docs/training.md#defaults).")
 
 
 def train(args: TrainArgs) -> dict:
