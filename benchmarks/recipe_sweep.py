@@ -71,6 +71,10 @@ GROUPS = {
     "auto": [{"learning_rate": "auto"}],
     "fp32": [{"bf16": False}],  # lorakit's default on this CPU is bf16 autocast
     "fp32_rank32": [{"bf16": False, "lora_rank": 32}],
+    # alpaca at twice its default rate, where runs collapse: what makes collapse less likely?
+    "stress": [{"learning_rate": 2.5e-3, **change} for change in (
+        {}, {"bf16": False}, {"torch_dtype": "float32"}, {"weight_decay": 0.1}, {"lora_dropout": 0.1},
+        {"adam_beta2": 0.99}, {"adam_beta2": 0.95})],
     "beta2": [{"adam_beta2": 0.95}],  # Adam's second moment over ~20 steps instead of ~1,000
     "beta2_rank32": [{"adam_beta2": 0.95, "lora_rank": 32}],
     "full_auto": [{"train_type": "full", "learning_rate": "auto"}],
