@@ -55,6 +55,7 @@ GROUPS = {
     "alpha16": [{"lora_alpha": 16, "learning_rate": lr} for lr in (5e-4, 1.5e-3)]
     + [{"lora_alpha": 16, "learning_rate": 2e-3, "warmup_ratio": 0.1}],
     "rank": [{"lora_rank": r} for r in (4, 16, 32, 64)],
+    "rank32": [{"lora_rank": 32}],
     "alpha": [{"lora_alpha": a} for a in (8, 32)],  # around the default 2 x rank = 16
     "rslora": [{"use_rslora": True}],
     "batch": [{"per_device_train_batch_size": b} for b in (4, 16, 32)],
