@@ -69,6 +69,7 @@ GROUPS = {
     "full": [{"train_type": "full", "learning_rate": lr} for lr in (None, 2e-5, 1e-4)],
     "full_default": [{"train_type": "full"}],
     "methods": [{"train_type": t} for t in ("dora", "qlora")],
+    "qlora": [{"train_type": "qlora"}],
     "auto": [{"learning_rate": "auto"}],
     "fp32": [{"bf16": False}],  # lorakit's default on this CPU is bf16 autocast
     "fp32_rank32": [{"bf16": False, "lora_rank": 32}],
@@ -89,13 +90,14 @@ def defaults_id() -> str:
     import hashlib
 
     from lorakit.train.args import TrainArgs
-    from lorakit.train.prepare import default_learning_rate
+    from lorakit.train.prepare import default_adam_beta2, default_learning_rate
 
     fields = {k: v for k, v in TrainArgs().to_dict().items() if k not in ("output_dir", "model", "dataset")}
     rates = [[t, task, steps, rank, default_learning_rate(t, task, steps, rank)]
              for t in ("lora", "dora", "qlora", "full") for task in ("seq_cls", "causal_lm")
              for steps in (10, 100, 105, 264, 1000, 5000) for rank in (4, 8, 16, 64)]
-    text = json.dumps([fields, rates], sort_keys=True, default=str)
+    betas = [[t, default_adam_beta2(t)] for t in ("lora", "dora", "qlora", "full")]
+    text = json.dumps([fields, rates, betas], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 

@@ -136,7 +136,9 @@ class TrainArgs:
     weight_decay: float = field(default=0.0, metadata=_help(
         "Weight decay of every trainable weight (decoupled for the Adam kinds and adafactor; L2 for sgd)."))
     adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    adam_beta2: Optional[float] = field(default=None, metadata=_help(
+        "Adam's beta2. Default (docs/training.md#defaults): 0.95 with adapters (fewer runs collapse at a high "
+        "rate), 0.999 in full fine-tuning."))
     adam_epsilon: float = 1e-8
     max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping (0 = off)."))
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata=_help(

@@ -79,7 +79,7 @@ def test_the_default_alpha_is_twice_the_rank_and_the_log_names_the_default_rate(
     flags = [f for f in quick_args(tiny_lm_dir, alpaca_file, tmp_path / "run") if f not in ("--learning_rate", "0.01")]
     loop.train(parse_train_args(flags))
     config = yaml.safe_load((tmp_path / "run" / "run_config.yaml").read_text())
-    assert config["learning_rate"] == 2e-4
+    assert config["learning_rate"] == 2e-4 and config["adam_beta2"] == 0.95  # the resolved defaults, recorded
     assert "learning rate: 2.00e-04, lorakit's default for lora causal_lm over 6 steps" in capsys.readouterr().out
     loop.train(parse_train_args([*flags, "--lora_rank", "32", "--output_dir", str(tmp_path / "rank32")]))
     assert yaml.safe_load((tmp_path / "rank32" / "run_config.yaml").read_text())["learning_rate"] == 1e-4

@@ -28,9 +28,9 @@ def build(name: str) -> tuple[torch.optim.Optimizer, nn.Module]:
 
 
 @pytest.mark.parametrize("name, cls, settings", [
-    ("adamw_torch", torch.optim.AdamW, {"betas": (0.9, 0.999), "eps": 1e-8, "fused": None}),
+    ("adamw_torch", torch.optim.AdamW, {"betas": (0.9, 0.95), "eps": 1e-8, "fused": None}),
     ("adamw_torch_fused", torch.optim.AdamW, {"fused": True}),
-    ("adamw_8bit", AdamW8bit, {"betas": (0.9, 0.999), "eps": 1e-8}),
+    ("adamw_8bit", AdamW8bit, {"betas": (0.9, 0.95), "eps": 1e-8}),
     ("paged_adamw_8bit", AdamW8bit, {}),  # without CUDA: unpaged
     ("paged_adamw_32bit", torch.optim.AdamW, {"fused": None}),
     ("sgd", torch.optim.SGD, {"momentum": 0}),
@@ -47,6 +47,15 @@ def test_each_name_builds_its_optimiser_with_loraplus_groups(name, cls, settings
         "q_proj.lora_B.default.weight", "v_proj.lora_B.default.weight"]
     assert sorted(names[id(p)] for p in optimizer.param_groups[0]["params"]) == [
         "q_proj.lora_A.default.weight", "v_proj.lora_A.default.weight"]
+
+
+@pytest.mark.parametrize("flags, beta2", [
+    ({}, 0.95), ({"train_type": "dora"}, 0.95), ({"train_type": "full"}, 0.999),
+    ({"adam_beta2": 0.98}, 0.98), ({"train_type": "full", "adam_beta2": 0.9}, 0.9)])
+def test_adam_beta2_defaults_to_095_with_adapters_and_0999_in_full(flags, beta2):
+    model = nn.ModuleDict({"q_proj": LoraLayer()})
+    optimizer = optim.build_optimizer(model, TrainArgs(learning_rate=1e-3, **flags))
+    assert optimizer.defaults["betas"] == (0.9, beta2)
 
 
 def test_paged_without_cuda_says_so_once(monkeypatch, capsys):
