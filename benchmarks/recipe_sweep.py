@@ -89,8 +89,8 @@ def defaults_id() -> str:
     the id). A recipe's runs under other defaults are kept apart."""
     import hashlib
 
-    from lorakit.train.args import TrainArgs
-    from lorakit.train.prepare import default_adam_beta2, default_learning_rate
+    from lorakit.train.args import TrainArgs, default_adam_beta2
+    from lorakit.train.prepare import default_learning_rate
 
     fields = {k: v for k, v in TrainArgs().to_dict().items() if k not in ("output_dir", "model", "dataset")}
     rates = [[t, task, steps, rank, default_learning_rate(t, task, steps, rank)]

@@ -113,9 +113,10 @@ def evaluate(model, items: list[Encoded], args: TrainArgs, pad_id: int, ctx: dis
             loss, logits = model(batch)
         total += loss.item()
         if logits is not None and logits.dim() == 2:
+            guesses = logits.argmax(-1)
             units += len(batch["labels"])
-            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-            predicted += logits.argmax(-1).cpu().bincount(minlength=num_labels)[:num_labels]
+            correct += (guesses == batch["labels"]).sum().item()
+            predicted += guesses.cpu().bincount(minlength=num_labels)[:num_labels]
         else:
             units += (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
     total, units, correct, *counts = distributed.sum_across([total, units, correct, *predicted.tolist()], ctx)

@@ -20,7 +20,6 @@ from lorakit.families import vlm_parts
 from lorakit.model.targeting import vlm_part
 from lorakit.train.adam8bit import AdamW8bit
 from lorakit.train.args import TrainArgs
-from lorakit.train.prepare import default_adam_beta2
 
 BITSANDBYTES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
                 "paged_adamw_32bit": "PagedAdamW32bit"}
@@ -49,8 +48,7 @@ def param_groups(model: torch.nn.Module, args: TrainArgs) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
     """The `--optim` optimiser over the model's trainable parameters, weight decay on all of them."""
     groups = param_groups(model, args)
-    beta2 = args.adam_beta2 if args.adam_beta2 is not None else default_adam_beta2(args.train_type)
-    adam = {"lr": args.learning_rate, "betas": (args.adam_beta1, beta2), "eps": args.adam_epsilon,
+    adam = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
             "weight_decay": args.weight_decay}
     if args.optim == "adamw_torch":
         return torch.optim.AdamW(groups, **adam)

@@ -42,13 +42,6 @@ def default_learning_rate(train_type: str, task: str, steps: int, rank: int = BA
     return rate if full else rate * min(1.0, math.sqrt(BASE_RANK / rank))
 
 
-def default_adam_beta2(train_type: str) -> float:
-    """lorakit's default Adam beta2 (docs/training.md#defaults): 0.95 with adapters, whose runs at a high rate
-    collapsed half as often with it (the second moment follows ~20 steps, not ~1,000); 0.999 in full
-    fine-tuning (not measured otherwise)."""
-    return 0.999 if train_type == "full" else 0.95
-
-
 def global_batch_size(args: TrainArgs, processes: int) -> int:
     """Examples per optimiser step over all processes and micro-batches."""
     return args.per_device_train_batch_size * processes * args.gradient_accumulation_steps
@@ -112,8 +105,7 @@ def resolve_args(args: TrainArgs, data: PreparedData, steps: int) -> TrainArgs:
     return dataclasses.replace(
         args, task_type=data.task, dataset_format=data.fmt, labels=list(data.labels),
         learning_rate=(args.learning_rate if args.learning_rate is not None
-                       else default_learning_rate(args.train_type, data.task, steps, args.lora_rank)),
-        adam_beta2=args.adam_beta2 if args.adam_beta2 is not None else default_adam_beta2(args.train_type))
+                       else default_learning_rate(args.train_type, data.task, steps, args.lora_rank)))
 
 
 def describe_data(data: PreparedData, args: TrainArgs) -> str:
