@@ -195,6 +195,9 @@ class TrainArgs:
             problems.append(f"--val_split_ratio must be in [0, 1), got {self.val_split_ratio}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "logging_steps", "max_length"):
             if getattr(self, name) < 1:

@@ -85,6 +85,8 @@ def test_bad_yaml_configs(tmp_path, text, message):
 def test_bad_flag_values_are_named():
     with pytest.raises(ValueError, match="--lora_rank must be >= 1, got 0"):
         TrainArgs(lora_rank=0)
+    with pytest.raises(ValueError, match=r"--adam_beta2 must be in \[0, 1\), got 1.5"):
+        parse_train_args(["--adam_beta2", "1.5"])
     with pytest.raises(ValueError, match=r"--train_type.*invalid choice: 'qlorax' \(choose from"):
         parse_train_args(["--train_type", "qlorax"])
 
