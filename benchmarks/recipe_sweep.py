@@ -79,6 +79,9 @@ GROUPS = {
         {"adam_beta2": 0.99}, {"adam_beta2": 0.95})],
     "beta2": [{"adam_beta2": 0.95}],  # Adam's second moment over ~20 steps instead of ~1,000
     "beta2_rank32": [{"adam_beta2": 0.95, "lora_rank": 32}],
+    # BERT's classifier reads the pooler (a dense layer over [CLS]): trained in full, as full fine-tuning does
+    "pooler": [{"modules_to_save": ["pooler"]}],
+    "rank64": [{"lora_rank": 64}],
     "full_auto": [{"train_type": "full", "learning_rate": "auto"}],
 }
 
