@@ -1,8 +1,9 @@
 """What lorakit knows of model architectures, in one table keyed by transformers' `model_type`.
 
 Every per-architecture fact lives here: the modules PEFT adapts when `target_modules` is not
-given, the class of a gated MLP whose forward the memory savers may replace, and whether a
-causal LM's logits are exactly `lm_head(decoder(...))` (so the head and the loss can be fused).
+given, the class of a gated MLP whose forward the memory savers may replace, whether a
+causal LM's logits are exactly `lm_head(decoder(...))` (so the head and the loss can be fused), and
+the pooling layer between a sequence classifier's encoder and its head.
 An architecture missing from the table still works: it gets the general paths.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ class Family:
     default_targets: tuple[str, ...] = ()  # PEFT's default target_modules; () = none, ask the user
     gated_mlp: str | None = None  # its MLP class, exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
     plain_head: bool = False  # causal-LM logits are lm_head(decoder(...).last_hidden_state), nothing more
+    cls_pooler: str | None = None  # the layer a sequence classifier's head reads (BERT's pooler)
 
 
 _QV = ("q_proj", "v_proj")
@@ -31,12 +33,16 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family(plain_head=True),
     "starcoder2": Family(plain_head=True),
     **dict.fromkeys(["mixtral", "gemma", "gemma2", "opt", "gptj", "gpt_neo", "bart", "stablelm", "vit"], Family(_QV)),
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra"], Family(("query", "value"))),
+    "bert": Family(("query", "value"), cls_pooler="pooler"),
+    **dict.fromkeys(["roberta", "xlm-roberta", "electra"], Family(("query", "value"))),  # their heads hold the dense
+    **dict.fromkeys(["albert", "mobilebert"], Family(cls_pooler="pooler")),
+    "distilbert": Family(cls_pooler="pre_classifier"),
+    "deberta": Family(("in_proj",), cls_pooler="pooler"),
     "gpt_bigcode": Family(("c_attn",)),
     **dict.fromkeys(["bloom", "gpt_neox", "falcon"], Family(("query_key_value",))),
     **dict.fromkeys(["t5", "mt5"], Family(("q", "v"))),
     "phi": Family(("q_proj", "v_proj", "fc1", "fc2")),
-    "deberta-v2": Family(("query_proj", "value_proj")),
+    "deberta-v2": Family(("query_proj", "value_proj"), cls_pooler="pooler"),
 }
 GATED_MLP_CLASSES = frozenset(f.gated_mlp for f in FAMILIES.values() if f.gated_mlp)
 

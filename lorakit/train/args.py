@@ -101,9 +101,10 @@ class TrainArgs:
     use_rslora: bool = field(default=False, metadata=_help("Scale by alpha / sqrt(r) (rsLoRA)."))
     use_dora: bool = field(default=False, metadata=_help(
         "DoRA on top of --train_type lora or qlora (the same as --train_type dora)."))
-    modules_to_save: list[str] = field(default_factory=list, metadata=_help(
-        "Extra modules trained in full and saved with the adapter (the classifier head is "
-        "added for seq_cls)."))
+    modules_to_save: Optional[list[str]] = field(default=None, metadata=_help(
+        "Extra modules trained in full and saved with the adapter (the classifier head is added for seq_cls). "
+        "Default: for a classifier, the pooling layer its head reads (BERT's pooler, DistilBERT's "
+        "pre_classifier); give `--modules_to_save classifier` for the head alone."))
     freeze_llm: bool = field(default=False, metadata=_help(
         "Vision-language models: leave the language model (and its head) untrained."))
     freeze_vit: bool = field(default=True, metadata=_help(

@@ -24,7 +24,7 @@ from lorakit import precision
 from lorakit.data.encode import Encoded, collate, loss_units
 from lorakit.io import files
 from lorakit.io.empty_model import empty_model
-from lorakit.io.pretrained import load_model, load_tokenizer, resolve_model_path
+from lorakit.io.pretrained import load_config, load_model, load_tokenizer, resolve_model_path
 from lorakit.memory.loss import IGNORE_INDEX
 from lorakit.train import checkpoints, distributed, fsdp, lr_range, peak
 from lorakit.train.args import TrainArgs
@@ -218,7 +218,7 @@ def setup(args: TrainArgs, ctx: distributed.Dist) -> Run:
     data = prepare_data(args, tokenizer)
     given_rate = args.learning_rate
     per_epoch, steps = steps_per_epoch(args, len(data.train), ctx.world), total_steps(args, len(data.train), ctx.world)
-    args = resolve_args(args, data, steps)
+    args = resolve_args(args, data, steps, load_config(model_path).model_type)
     say(describe_data(data, args))
     if given_rate is None:
         rank = f" at rank {args.lora_rank}" if args.train_type != "full" and args.lora_rank > BASE_RANK else ""

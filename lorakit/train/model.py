@@ -21,7 +21,7 @@ def lora_config(args: TrainArgs, task: str, targets: list[str] | None = None) ->
         r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
         use_rslora=args.use_rslora, use_dora=args.train_type == "dora" or args.use_dora,
-        modules_to_save=list(args.modules_to_save) or None,
+        modules_to_save=list(args.modules_to_save or []) or None,
         task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM")
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from lorakit import data as datasets_
 from lorakit.data.encode import Encoded, EncodeReport, encode_examples
+from lorakit.families import FAMILIES, Family
 from lorakit.io.pretrained import load_config, position_limit, resolve_model_path, vlm_processor
 from lorakit.train.args import TrainArgs
 
@@ -100,12 +101,24 @@ def fit_max_length(args: TrainArgs, model_path: str, say) -> TrainArgs:
     return dataclasses.replace(args, max_length=limit[0])
 
 
-def resolve_args(args: TrainArgs, data: PreparedData, steps: int) -> TrainArgs:
-    """Fill the 'auto' fields with what this run of `steps` optimiser steps uses (saved as run_config.yaml)."""
+def default_modules_to_save(train_type: str, task: str, model_type: str | None) -> list[str]:
+    """What adapters train in full beside them when --modules_to_save is not given: for a classifier, the pooling
+    layer its head reads (BERT's pooler), which full fine-tuning trains and adapters would only nudge. On the
+    support intents it lifted LoRA from 88.0 / 89.7% to 90.7 / 93.0%, level with full fine-tuning
+    (docs/training.md#defaults)."""
+    pooler = FAMILIES.get(model_type, Family()).cls_pooler
+    return [pooler] if pooler and task == "seq_cls" and train_type != "full" else []
+
+
+def resolve_args(args: TrainArgs, data: PreparedData, steps: int, model_type: str | None) -> TrainArgs:
+    """Fill the 'auto' fields with what this run of `steps` optimiser steps on a `model_type` model uses (saved
+    as run_config.yaml)."""
     return dataclasses.replace(
         args, task_type=data.task, dataset_format=data.fmt, labels=list(data.labels),
         learning_rate=(args.learning_rate if args.learning_rate is not None
-                       else default_learning_rate(args.train_type, data.task, steps, args.lora_rank)))
+                       else default_learning_rate(args.train_type, data.task, steps, args.lora_rank)),
+        modules_to_save=(args.modules_to_save if args.modules_to_save is not None
+                         else default_modules_to_save(args.train_type, data.task, model_type)))
 
 
 def describe_data(data: PreparedData, args: TrainArgs) -> str:

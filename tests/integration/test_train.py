@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from helpers import (
     SENTIMENT,
@@ -210,6 +211,31 @@ def test_a_classifier_checkpoint_gets_a_head_for_the_new_labels(tmp_path):
     data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": label} for t, label in SENTIMENT])
     loop.train(parse_train_args(quick_args(folder, data, tmp_path / "o", max_steps=1)))
     assert adapter_weights(tmp_path / "o")["base_model.model.classifier.weight"].shape == (2, 32)
+
+
+def test_a_classifier_run_trains_the_pooler_in_full_and_peft_loads_it(tmp_path):
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    import lorakit
+
+    folder = save_tiny_bert_classifier(tmp_path / "bert")
+    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": label} for t, label in SENTIMENT])
+    loop.train(parse_train_args(quick_args(folder, data, tmp_path / "o", max_steps=2)))
+    assert yaml.safe_load((tmp_path / "o" / "run_config.yaml").read_text())["modules_to_save"] == ["pooler"]
+    weights = adapter_weights(tmp_path / "o")
+    assert not any("pooler" in k and "lora_" in k for k in weights)  # the pooler is whole, not adapted
+
+    def base():
+        return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, ignore_mismatched_sizes=True)
+
+    assert not torch.equal(weights["base_model.model.bert.pooler.dense.weight"], base().bert.pooler.dense.weight)
+    ids = torch.tensor([[2, 40, 41, 42, 3]])
+    theirs = peft.PeftModel.from_pretrained(base(), str(tmp_path / "o")).eval()(input_ids=ids).logits
+    ours = lorakit.PeftModel.from_pretrained(base(), str(tmp_path / "o")).eval()(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs)
+    loop.train(parse_train_args(quick_args(folder, data, tmp_path / "head", max_steps=1, modules_to_save="classifier")))
+    assert any("pooler" in k and "lora_A" in k for k in adapter_weights(tmp_path / "head"))  # the head alone, as asked
 
 
 def test_refuses_an_output_dir_holding_a_previous_run(tiny_lm_dir, alpaca_file, tmp_path, capsys):
