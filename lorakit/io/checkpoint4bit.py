@@ -17,16 +17,15 @@ from lorakit.families import SEQ_CLS_HEADS
 from lorakit.io import files
 from lorakit.io.weights import Checkpoint, model_key
 from lorakit.modules import replace_module
-from lorakit.quant.linear4bit import NF4Linear
+from lorakit.quant.linear4bit import NF4Linear, linears_to_quantize
 from lorakit.quant.nf4 import from_state_dict, quantize_nf4, to_state_dict
 
 
 def nf4_layer_names(model: nn.Module, skip: set[str]) -> set[str]:
-    """The layers 4-bit loading stores in NF4: every nn.Linear but the output head and those whose
-    last name part is in `skip`."""
+    """The layers 4-bit loading stores in NF4: every nn.Linear but the output head and those `skip` keeps
+    dense (is_kept_dense)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {name for name, m in model.named_modules()
-            if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in skip and m is not head}
+    return {name for name in linears_to_quantize(model, skip) if model.get_submodule(name) is not head}
 
 
 def _quant_state_owner(key: str) -> tuple[str, bool]:
@@ -56,7 +55,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
              **config_kwargs) -> tuple[nn.Module, list[str]]:
-    """(model, names of the NF4 layers): every nn.Linear outside `skip` (last name parts) in NF4,
+    """(model, names of the NF4 layers): every nn.Linear `skip` does not keep dense (is_kept_dense) in NF4,
     the rest in `dtype`. Parameters the checkpoint lacks (a new classifier head) are initialised
     as from_pretrained would; any other missing key is an error."""
     from accelerate import init_empty_weights

@@ -123,7 +123,7 @@ def quantize_language_model(model: nn.Module, keep_dense: tuple[str, ...] = ()) 
 
 def kept_dense(model: nn.Module, keep_dense: tuple[str, ...] = ()) -> set[str]:
     """What a vision-language model's 4-bit loading keeps in the compute dtype: its vision tower, projector,
-    head and `keep_dense` (module names, or last parts)."""
+    head and `keep_dense` (module names, or dotted tails of them)."""
     parts = VLM_PARTS.get(model.config.model_type)
     dense = (*parts.vit, *parts.aligner) if parts else ()
     skip = {name for name, _ in model.named_modules() if any(name.startswith(f"{p}.") for p in dense)}

@@ -236,6 +236,10 @@ def test_a_classifier_run_trains_the_pooler_in_full_and_peft_loads_it(tmp_path):
     torch.testing.assert_close(ours, theirs)
     loop.train(parse_train_args(quick_args(folder, data, tmp_path / "head", max_steps=1, modules_to_save="classifier")))
     assert any("pooler" in k and "lora_A" in k for k in adapter_weights(tmp_path / "head"))  # the head alone, as asked
+    loop.train(parse_train_args(quick_args(folder, data, tmp_path / "q", max_steps=1, train_type="qlora")))
+    weights = adapter_weights(tmp_path / "q")  # the 4-bit base keeps the pooler it trains whole out of NF4
+    assert weights["base_model.model.bert.pooler.dense.weight"].dtype == torch.float32
+    assert not [k for k in weights if "absmax" in k or "quant" in k]
 
 
 def test_refuses_an_output_dir_holding_a_previous_run(tiny_lm_dir, alpaca_file, tmp_path, capsys):

@@ -9,7 +9,7 @@ from torch import nn
 
 from helpers import LM_IDS, quantized_llama
 from lorakit import LoraConfig, get_peft_model
-from lorakit.quant.linear4bit import NF4Linear
+from lorakit.quant.linear4bit import NF4Linear, is_kept_dense, linears_to_quantize
 from lorakit.quant.nf4 import dequantize_nf4
 
 
@@ -110,3 +110,17 @@ def test_merge_requantized_warns_and_stays_4bit():
     assert (got - expected).abs().mean() < 0.5 * (base - expected).abs().mean()
 
 
+
+
+def test_a_module_kept_whole_keeps_every_layer_inside_it_dense():
+    import transformers as tf
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, vocab_size=99)
+    bert = tf.BertForSequenceClassification(tf.BertConfig(**small))
+    roberta = tf.RobertaForSequenceClassification(tf.RobertaConfig(**small))  # its head holds two Linears
+    skip = {"classifier", "pooler"}
+    assert "bert.pooler.dense" not in linears_to_quantize(bert, skip)
+    assert "bert.encoder.layer.0.attention.self.query" in linears_to_quantize(bert, skip)
+    assert not [n for n in linears_to_quantize(roberta, skip) if n.startswith("classifier")]
+    assert is_kept_dense("bert.pooler.dense", {"bert.pooler"}) and is_kept_dense("bert.pooler.dense", {"dense"})
+    assert not is_kept_dense("bert.pooler.dense", {"ert.pooler"})  # whole name parts only, as PEFT matches
