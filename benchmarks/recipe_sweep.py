@@ -82,6 +82,7 @@ GROUPS = {
     # BERT's classifier reads the pooler (a dense layer over [CLS]): trained in full, as full fine-tuning does
     "pooler": [{"modules_to_save": ["pooler"]}],
     "rank64": [{"lora_rank": 64}],
+    "layernorm": [{"modules_to_save": ["pooler", "LayerNorm"]}],  # the LayerNorms too, as full fine-tuning trains them
     "full_auto": [{"train_type": "full", "learning_rate": "auto"}],
 }
 
