@@ -129,14 +129,15 @@ def evaluate(model, items: list[Encoded], args: TrainArgs, pad_id: int, ctx: dis
     return result
 
 
-def one_class_warning(metrics: dict, items: list[Encoded], rate: float) -> str | None:
-    """A warning when a trained classifier gives every eval row one class although the rows hold several:
-    the collapse a too-high learning rate causes (docs/training.md#defaults)."""
+def one_class_warning(metrics: dict, items: list[Encoded], rate: float, step: int) -> str | None:
+    """A warning when a classifier gives every eval row one class at `step` although the rows hold several:
+    not yet trained, or the collapse a too-high learning rate causes (docs/training.md#defaults)."""
     if metrics.get("eval_top_class_share", 0.0) < 1.0 or len({item.labels for item in items}) < 2:
         return None
-    return (f"warning: every eval row was predicted as one class (accuracy {metrics['eval_accuracy']:.4f} is that "
-            f"class's share of the rows): the model collapsed, most often because the learning rate ({rate:.2e}) is "
-            f"too high for this run. Run again with a lower one, e.g. --learning_rate {rate / 2:.1e} "
+    return (f"warning: every eval row was predicted as one class after {step} steps (accuracy "
+            f"{metrics['eval_accuracy']:.4f} is that class's share of the rows): the model has not learned the task "
+            f"yet or it collapsed, most often because the learning rate ({rate:.2e}) is too high for this run. If "
+            f"more steps do not help, run again with a lower one, e.g. --learning_rate {rate / 2:.1e} "
             "(docs/training.md#defaults).")
 
 
@@ -400,7 +401,7 @@ def train_steps(run: Run, log: MetricsLog | None, timer: float) -> None:
                 if log:
                     log.log(run.step, **run.history["eval"])
                     bar.write(f"step {run.step}: " + _fmt(run.history["eval"]))
-                    warning = one_class_warning(run.history["eval"], run.data.val, args.learning_rate)
+                    warning = one_class_warning(run.history["eval"], run.data.val, args.learning_rate, run.step)
                     if warning:
                         bar.write(warning)
             if run.step % save_every == 0 and not last:

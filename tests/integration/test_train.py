@@ -199,11 +199,12 @@ def test_a_classifier_that_gives_every_row_one_class_is_called_collapsed():
     rows = [Encoded([5, 6, 7], label) for label in (0, 1, 1, 2, 1)]
     metrics = loop.evaluate(_AlwaysSecondClass(), rows, TrainArgs(per_device_eval_batch_size=2), 0, ctx, False, 3)
     assert metrics["eval_accuracy"] == 0.6 and metrics["eval_top_class_share"] == 1.0
-    warning = loop.one_class_warning(metrics, rows, 2e-3)
-    assert "every eval row was predicted as one class" in warning and "--learning_rate 1.0e-03" in warning
+    warning = loop.one_class_warning(metrics, rows, 2e-3, 40)
+    assert "every eval row was predicted as one class after 40 steps" in warning
+    assert "--learning_rate 1.0e-03" in warning
     same_class = [Encoded([5, 6], 1)] * 3  # rows that all hold one class: one answer is right, not a collapse
     assert loop.one_class_warning(loop.evaluate(_AlwaysSecondClass(), same_class, TrainArgs(), 0, ctx, False, 3),
-                                  same_class, 2e-3) is None
+                                  same_class, 2e-3, 40) is None
 
 
 def test_a_classifier_checkpoint_gets_a_head_for_the_new_labels(tmp_path):
