@@ -15,11 +15,12 @@ from lorakit.tools.adapter import Adapter, LoraModule
 NAME = "toolbox"  # the adapter's name inside the layers built here
 
 
-def skeleton(folder: str) -> nn.Module:
-    """The base model's modules with meta tensors (no memory), of the class config.json names."""
+def skeleton(folder: str, labels: list[str] | None = None) -> nn.Module:
+    """The base model's modules with meta tensors (no memory), of the class config.json names; with `labels`,
+    its sequence classifier for them (a fresh head)."""
     import transformers
 
-    from lorakit.io.pretrained import load_config
+    from lorakit.io.pretrained import head_fields, load_config
 
     config = load_config(folder)
     if getattr(config, "quantization_config", None):
@@ -28,6 +29,9 @@ def skeleton(folder: str) -> nn.Module:
     classes = [getattr(transformers, name, None) for name in (config.architectures or [])]
     cls = next((c for c in classes if c is not None), None)
     with torch.device("meta"):
+        if labels is not None:
+            config.update(head_fields("seq_cls", labels))
+            return transformers.AutoModelForSequenceClassification.from_config(config).eval()
         if cls is not None:
             return cls(config).eval()
         try:

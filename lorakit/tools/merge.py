@@ -59,19 +59,20 @@ def merge_to_folder(adapter_dirs: list[str], output_dir: str, base: str | None =
         raise ValueError(f"--quant_bits accepts 4 (the adapter was trained on an NF4 base), got {quant_bits}")
     adapters = [read_adapter(d) for d in adapter_dirs]
     base = base_folder(base or adapters[0].config.base_model_name_or_path, adapter_dirs[0])
-    checkpoint, model = Checkpoint(base), skeleton(base)
+    labels = classifier_labels(adapters[0])
+    checkpoint, model = Checkpoint(base), skeleton(base, labels)
     adapter = adapters[0] if len(adapters) == 1 else combine(base, adapters, weights, combination_type, density)
     check_fits(model, adapter, base)
     quantized = quant_bits == 4 or any(trained_4bit(a.folder) for a in adapters)
     if quantized:
         dtype = dtype or stored_dtype(Path(base))
     with staged_dir(output_dir) as tmp:
-        merger = Merger(model, adapter, dtype, quantized)
+        merger = Merger(model, adapter, dtype, quantized, by_model_names=labels is not None)
         writer = ShardWriter(tmp, max_bytes)
         for key, tensor in merger.tensors(checkpoint):
             writer.add(key, tensor)
         shards = writer.close()
-        write_config(Path(base), tmp, dtype, untie=bool(merger.untied))
+        write_config(Path(base), tmp, dtype, untie=bool(merger.untied), classifier=model if labels else None)
         copy_side_files(Path(base), tmp, skip=("config.json", "README.md"))
         copy_tokenizer(adapter.folder, tmp)
         causal = adapter.config.task_type in (None, "CAUSAL_LM")
@@ -82,8 +83,9 @@ def merge_to_folder(adapter_dirs: list[str], output_dir: str, base: str | None =
 class Merger:
     """The merged model's tensors, one at a time, from the base checkpoint's."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter, dtype: torch.dtype | None, quantized: bool):
-        self.model, self.adapter, self.dtype = model, adapter, dtype
+    def __init__(self, model: nn.Module, adapter: Adapter, dtype: torch.dtype | None, quantized: bool,
+                 by_model_names: bool = False):
+        self.model, self.adapter, self.dtype, self.by_model_names = model, adapter, dtype, by_model_names
         self.names = set(model.state_dict())
         self.targets = {f"{path}.weight": lora for path, lora in adapter.modules.items()}
         self.replacements = {}
@@ -100,7 +102,9 @@ class Merger:
         self.merged = self.replaced = 0
 
     def tensors(self, checkpoint: Checkpoint):
-        """(key, tensor) of the merged model, in the checkpoint's order, with a progress bar."""
+        """(key, tensor) of the merged model, in the checkpoint's order, with a progress bar; then the tensors
+        the base lacks (a classifier's new head). Keys are the checkpoint's, or with by_model_names the model's
+        (a classifier built over a headless encoder's checkpoint: its keys gain the encoder's prefix)."""
         from tqdm.auto import tqdm
 
         prefix = getattr(self.model, "base_model_prefix", "")
@@ -111,9 +115,11 @@ class Merger:
             if name is None:  # not a parameter or buffer of the model: kept as it is
                 yield key, tensor
                 continue
-            yield key, self.convert(name, tensor)
+            yield name if self.by_model_names else key, self.convert(name, tensor)
             for tied in self.untied.get(name, []):
                 yield tied, self.convert(tied, tensor).clone()
+        for name in sorted(set(self.replacements) - set(names.values())):
+            yield name, self.convert(name, self.replacements[name])
 
     def _untie(self, present: set[str]) -> None:
         """Tied weights (embeddings and head) one of which the adapter changes are written apart."""
@@ -163,6 +169,22 @@ def base_folder(base: str | None, adapter_dir: str) -> str:
                                 "with a folder") from None
 
 
+def classifier_labels(adapter: Adapter) -> list[str] | None:
+    """A sequence classifier adapter's labels (labels.json, which `lorakit train` writes, else one per row of its
+    head: LABEL_0, ...); None for other adapters."""
+    if adapter.config.task_type != "SEQ_CLS":
+        return None
+    if (adapter.folder / "labels.json").is_file():
+        return json.loads((adapter.folder / "labels.json").read_text(encoding="utf-8"))
+    heads = {extra_param_name(k): t for k, t in adapter.extras.items()}
+    rows = next((heads[f"{h}{part}.weight"].shape[0] for h in SEQ_CLS_HEADS for part in ("", ".out_proj")
+                 if f"{h}{part}.weight" in heads), None)
+    if rows is None:
+        raise ValueError(f"adapter {adapter.folder} is a sequence classifier (task_type SEQ_CLS) but holds no "
+                         f"head ({' or '.join(SEQ_CLS_HEADS)}) and no labels.json: its labels are unknown")
+    return [f"LABEL_{i}" for i in range(rows)]
+
+
 def trained_4bit(adapter_dir: Path) -> bool:
     """Whether `lorakit train` trained this adapter on a 4-bit base (its run_config.yaml says so)."""
     args = read_run_config(adapter_dir)
@@ -176,9 +198,14 @@ def stored_dtype(base: Path) -> torch.dtype:
     return getattr(torch, name) if isinstance(getattr(torch, name, None), torch.dtype) else torch.float32
 
 
-def write_config(base: Path, out: Path, dtype: torch.dtype | None, untie: bool) -> None:
-    """config.json of the merged model: the base's, with its new dtype, its head untied if it had to be."""
+def write_config(base: Path, out: Path, dtype: torch.dtype | None, untie: bool,
+                 classifier: nn.Module | None = None) -> None:
+    """config.json of the merged model: the base's, with its new dtype, its head untied if it had to be, and
+    for a `classifier` its class and labels."""
     config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    if classifier is not None:
+        config.update(architectures=[type(classifier).__name__], id2label=classifier.config.id2label,
+                      label2id=classifier.config.label2id)
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
         if "torch_dtype" in config:

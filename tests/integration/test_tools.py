@@ -332,9 +332,10 @@ def test_extract_reports_other_changes_and_keeps_the_named_ones(tiny_lm_dir, tmp
                                atol=1e-5, rtol=1e-5)
 
 
-def test_extract_from_a_classifier_fine_tuned_on_a_headless_encoder(tmp_path, capsys):
+def test_extract_then_merge_round_trips_a_classifier_fine_tuned_on_a_headless_encoder(tmp_path, capsys):
     """The base an encoder alone (BertModel), the tuned model a classifier (`bert.` keys and a new head):
-    the head must be kept whole, and PEFT then rebuilds the tuned classifier from the base."""
+    the head must be kept whole, PEFT then rebuilds the tuned classifier from the base, and merging the
+    adapter into the encoder writes that classifier back."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
@@ -355,6 +356,14 @@ def test_extract_from_a_classifier_fine_tuned_on_a_headless_encoder(tmp_path, ca
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(input_ids=ids).logits, tuned_model.eval()(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+    assert main(["merge", "--adapter", str(tmp_path / "out"), "--model", str(tmp_path / "encoder"),
+                 "--output_dir", str(tmp_path / "merged")]) == 0
+    merged, info = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged"),
+                                                                      output_loading_info=True)
+    assert not any(info.values()) and merged.config.id2label == {i: f"LABEL_{i}" for i in range(labels)}
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(input_ids=ids).logits, tuned_model(input_ids=ids).logits,
                                    atol=1e-5, rtol=1e-5)
 
 

@@ -235,6 +235,10 @@ def test_a_classifier_run_trains_the_pooler_in_full_and_peft_loads_it(tmp_path):
     theirs = peft.PeftModel.from_pretrained(base(), str(tmp_path / "o")).eval()(input_ids=ids).logits
     ours = lorakit.PeftModel.from_pretrained(base(), str(tmp_path / "o")).eval()(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs)
+    assert main(["merge", "--adapter", str(tmp_path / "o"), "--output_dir", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    assert merged.config.id2label == {0: "neg", 1: "pos"}  # the run's labels, not the base's three
+    torch.testing.assert_close(merged(input_ids=ids).logits, theirs)
     loop.train(parse_train_args(quick_args(folder, data, tmp_path / "head", max_steps=1, modules_to_save="classifier")))
     assert any("pooler" in k and "lora_A" in k for k in adapter_weights(tmp_path / "head"))  # the head alone, as asked
     loop.train(parse_train_args(quick_args(folder, data, tmp_path / "q", max_steps=1, train_type="qlora")))
