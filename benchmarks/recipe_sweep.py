@@ -15,8 +15,8 @@ All at --max_length 64 (the budget, not part of a recipe).
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recipe_sweep.py --groups lr,rank --seeds 0,1 --jobs 2
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recipe_sweep.py --report     # the table from stored runs
 
-Runs are appended to --results (JSONL) as they finish; a run already stored is not run again, so
-an interrupted sweep continues where it stopped and a wider one reuses the narrower one's runs.
+Runs are appended to --results (JSONL) as they finish; a run already stored is not run again (a failed one
+is), so an interrupted sweep continues where it stopped and a wider one reuses the narrower one's runs.
 --jobs N runs N trainings at once, each in its own process on --threads threads.
 """
 from __future__ import annotations
@@ -225,7 +225,8 @@ def launch(task: str, recipe: dict, seed: int, args) -> dict:
 
 
 def sweep(args) -> None:
-    done, defaults = stored(args.results), defaults_id()
+    done = {k: r for k, r in stored(args.results).items() if "error" not in r}  # a failed run is tried again
+    defaults = defaults_id()
     plan = [(task, recipe, seed) for group in args.groups for recipe in GROUPS[group]
             for task in args.tasks for seed in args.seeds]
     plan = list({key(*p, defaults): p for p in plan if key(*p, defaults) not in done}.values())
