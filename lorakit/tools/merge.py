@@ -96,7 +96,7 @@ class Merger:
                                  f"({type(model).__name__}) does not have: the adapter was made for another base model")
             if name is not None:
                 self.replacements[name] = tensor
-        saved = {m.rsplit(".", 1)[-1] for m in adapter.config.modules_to_save or []}
+        saved = set(adapter.config.modules_to_save or [])
         self.nf4 = {f"{n}.weight" for n in nf4_layer_names(model, {*SEQ_CLS_HEADS, *saved})} if quantized else set()
         self.untied: dict[str, list[str]] = {}  # a checkpoint tensor's name -> tied names written beside it
         self.merged = self.replaced = 0
@@ -109,7 +109,8 @@ class Merger:
 
         prefix = getattr(self.model, "base_model_prefix", "")
         names = {key: model_key(key, self.names, prefix) for key in checkpoint.file_of}
-        self._untie(set(names.values()))
+        present = set(names.values())
+        self._untie(present)
         for key, tensor in tqdm(checkpoint.items(), total=len(names), desc="merge", unit="tensor"):
             name = names[key]
             if name is None:  # not a parameter or buffer of the model: kept as it is
@@ -118,7 +119,7 @@ class Merger:
             yield name if self.by_model_names else key, self.convert(name, tensor)
             for tied in self.untied.get(name, []):
                 yield tied, self.convert(tied, tensor).clone()
-        for name in sorted(set(self.replacements) - set(names.values())):
+        for name in sorted(set(self.replacements) - present):
             yield name, self.convert(name, self.replacements[name])
 
     def _untie(self, present: set[str]) -> None:
@@ -258,7 +259,7 @@ def quantized_gap(base: str, adapter: Adapter, merged_dir: Path, dtype: torch.dt
     from lorakit.model import adapter_files
     from lorakit.model.peft_model import PeftModel
 
-    saved = tuple(m.rsplit(".", 1)[-1] for m in adapter.config.modules_to_save or [])
+    saved = tuple(adapter.config.modules_to_save or [])
     four_bit = PeftModel(load_model(base, "causal_lm", [], dtype, quantize=True, keep_dense=saved),
                          adapter.config, memory_savers=False)
     adapter_files.load_adapter_weights(four_bit.base_model, "default", adapter.state_dict(), str(adapter.folder))
