@@ -84,6 +84,7 @@ GROUPS = {
     "rank64": [{"lora_rank": 64}],
     "layernorm": [{"modules_to_save": ["pooler", "LayerNorm"]}],  # the LayerNorms too, as full fine-tuning trains them
     "full_auto": [{"train_type": "full", "learning_rate": "auto"}],
+    "bias": [{"lora_bias": "all"}],  # every base bias trained too, as full fine-tuning trains them
     "rate_above_rule": [{"learning_rate": lr} for lr in (8e-4, 1e-3)],  # SST-2: the rule gives 6.3e-4
 }
 

@@ -56,8 +56,8 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
              **config_kwargs) -> tuple[nn.Module, list[str]]:
     """(model, names of the NF4 layers): every nn.Linear `skip` does not keep dense (is_kept_dense) in NF4,
-    the rest in `dtype`. Parameters the checkpoint lacks (a new classifier head) are initialised
-    as from_pretrained would; any other missing key is an error."""
+    the rest in `dtype`. Parameters the checkpoint lacks, or holds for other labels (a new classifier head), are
+    initialised as from_pretrained would; any other missing or misshapen key is an error."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
@@ -65,7 +65,7 @@ def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
     with init_empty_weights(include_buffers=False):
         model = auto_class.from_config(config, dtype=dtype)
     quantize = nf4_layer_names(model, skip)
-    model_keys = set(model.state_dict())
+    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
     prefix = getattr(model, "base_model_prefix", "")
     prequantized = {}
     checkpoint = Checkpoint(Path(folder))
@@ -74,8 +74,8 @@ def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
         if is_state or f"{key}.quant_state.bitsandbytes__nf4" in checkpoint.file_of:
             prequantized.setdefault(owner, {})[key] = tensor
             continue
-        name = model_key(key, model_keys, prefix)
-        if name is None:
+        name = model_key(key, shapes.keys(), prefix)
+        if name is None or head_for_other_labels(name, tensor.shape, shapes[name]):
             continue
         module_name, _, attr = name.rpartition(".")
         if module_name in quantize and attr == "weight":
@@ -83,7 +83,7 @@ def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
         else:
             _set_tensor(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
     for owner, state in prequantized.items():  # a checkpoint saved in bitsandbytes' 4-bit form
-        name = model_key(f"{owner}.weight", model_keys, prefix)
+        name = model_key(f"{owner}.weight", shapes.keys(), prefix)
         if name is None:
             raise ValueError(f"4-bit checkpoint weight {owner}.weight matches no module of {type(model).__name__}")
         _put_nf4(model, name.removesuffix(".weight"), from_state_dict(state, prefix=f"{owner}.weight"))
@@ -95,6 +95,17 @@ def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
         raise ValueError(f"{err}; cannot load it in 4-bit") from None
     model.requires_grad_(False)
     return model.eval(), sorted(quantize)  # eval mode, as from_pretrained returns models
+
+
+def head_for_other_labels(name: str, shape: torch.Size, expected: torch.Size) -> bool:
+    """True for a classifier head's tensor shaped for another label count (left to be initialised fresh, as
+    from_pretrained's ignore_mismatched_sizes does); any other tensor of the wrong shape is an error."""
+    if shape == expected:
+        return False
+    if name.split(".")[0] in SEQ_CLS_HEADS:
+        return True
+    raise ValueError(f"checkpoint tensor {name} has shape {tuple(shape)} where the model built from its "
+                     f"config.json has {tuple(expected)}")
 
 
 def initialise_heads(model: nn.Module, missing: list[str]) -> None:

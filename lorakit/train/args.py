@@ -99,6 +99,9 @@ class TrainArgs:
         "LoRA alpha; scaling is alpha / r. Default: 2 x --lora_rank (scaling 2 at every rank)."))
     lora_dropout: float = field(default=0.05, metadata=_help("Dropout on the adapter input."))
     use_rslora: bool = field(default=False, metadata=_help("Scale by alpha / sqrt(r) (rsLoRA)."))
+    lora_bias: Literal["none", "all", "lora_only"] = field(default="none", metadata=_help(
+        "Base-model biases trained with the adapter and saved in it (PEFT's bias): none, all, or lora_only "
+        "(those of the layers with adapters)."))
     use_dora: bool = field(default=False, metadata=_help(
         "DoRA on top of --train_type lora or qlora (the same as --train_type dora)."))
     modules_to_save: Optional[list[str]] = field(default=None, metadata=_help(

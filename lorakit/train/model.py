@@ -20,7 +20,7 @@ def lora_config(args: TrainArgs, task: str, targets: list[str] | None = None) ->
     return LoraConfig(
         r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-        use_rslora=args.use_rslora, use_dora=args.train_type == "dora" or args.use_dora,
+        use_rslora=args.use_rslora, bias=args.lora_bias, use_dora=args.train_type == "dora" or args.use_dora,
         modules_to_save=list(args.modules_to_save or []) or None,
         task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM")
 
@@ -43,7 +43,19 @@ def prepare_model(model: nn.Module, args: TrainArgs, task: str) -> nn.Module:
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+    upcast_vectors_beside_trained_biases(peft_model)
     return peft_model
+
+
+def upcast_vectors_beside_trained_biases(model: nn.Module) -> None:
+    """A norm layer whose bias trains (--lora_bias all) computes in one dtype: its frozen scale, a vector, joins
+    the fp32 bias. A Linear's frozen 2-D weight stays as it is (autocast, or the layer, casts for the matmul)."""
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if any(p.requires_grad for p in own):
+            for p in own:
+                if not p.requires_grad and p.dim() == 1 and p.is_floating_point() and p.dtype != torch.float32:
+                    p.data = p.data.float()
 
 
 def frozen_parts(model: nn.Module, args: TrainArgs) -> set[str]:

@@ -247,6 +247,34 @@ def test_a_classifier_run_trains_the_pooler_in_full_and_peft_loads_it(tmp_path):
     assert not [k for k in weights if "absmax" in k or "quant" in k]
 
 
+@pytest.mark.parametrize("train_type", ["lora", "qlora"])
+def test_lora_bias_all_trains_the_base_biases_and_peft_loads_them(tmp_path, train_type):
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    import lorakit
+
+    folder = save_tiny_bert_classifier(tmp_path / "bert")
+    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": label} for t, label in SENTIMENT])
+    out = tmp_path / "o"
+    assert main(["train", *quick_args(folder, data, out, max_steps=2, train_type=train_type, lora_bias="all")]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["bias"] == "all"
+    weights = adapter_weights(out)
+
+    def base():
+        return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, ignore_mismatched_sizes=True)
+
+    query_bias = "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias"
+    embedding_norm_bias = "base_model.model.bert.embeddings.LayerNorm.bias"  # a layer without an adapter
+    assert weights[query_bias].dtype == torch.float32
+    assert not torch.equal(weights[query_bias], base().bert.encoder.layer[0].attention.self.query.bias)
+    assert not torch.equal(weights[embedding_norm_bias], base().bert.embeddings.LayerNorm.bias)
+    ids = torch.tensor([[2, 40, 41, 42, 3]])
+    theirs = peft.PeftModel.from_pretrained(base(), str(out)).eval()(input_ids=ids).logits
+    ours = lorakit.PeftModel.from_pretrained(base(), str(out)).eval()(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs)
+
+
 def test_refuses_an_output_dir_holding_a_previous_run(tiny_lm_dir, alpaca_file, tmp_path, capsys):
     out = tmp_path / "busy"
     out.mkdir()

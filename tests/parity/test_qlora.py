@@ -134,6 +134,20 @@ def test_quant_state_key_missing_is_named(tmp_path):
         load_nf4(AutoModelForCausalLM, str(tmp_path / "bnb"), torch.float32, set())
 
 
+def test_a_misshapen_checkpoint_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.io.checkpoint4bit import load_nf4
+
+    build_model("llama").save_pretrained(str(tmp_path / "dense"))
+    state = load_file(str(tmp_path / "dense" / "model.safetensors"))
+    state["model.layers.0.mlp.down_proj.weight"] = state["model.layers.0.mlp.down_proj.weight"][:, :-1].contiguous()
+    save_file(state, str(tmp_path / "dense" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.weight has shape \(\d+, \d+\) where"):
+        load_nf4(AutoModelForCausalLM, str(tmp_path / "dense"), torch.float32, set())
+
+
 def test_4bit_loading_never_imports_bitsandbytes(tmp_path):
     import subprocess
     import sys
