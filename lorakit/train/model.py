@@ -40,22 +40,20 @@ def prepare_model(model: nn.Module, args: TrainArgs, task: str) -> nn.Module:
     if vlm_parts(model):
         config = lora_config(args, task, vlm_targets(model, config, frozen))
     peft_model = get_peft_model(model, config, memory_savers=args.memory_savers)
-    for param in peft_model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-    upcast_vectors_beside_trained_biases(peft_model)
+    trained_in_fp32(peft_model)
     return peft_model
 
 
-def upcast_vectors_beside_trained_biases(model: nn.Module) -> None:
-    """A norm layer whose bias trains (--lora_bias all) computes in one dtype: its frozen scale, a vector, joins
-    the fp32 bias. A Linear's frozen 2-D weight stays as it is (autocast, or the layer, casts for the matmul)."""
+def trained_in_fp32(model: nn.Module) -> None:
+    """Trainable parameters in fp32. A module that trains any (a norm whose bias trains, --lora_bias all) computes
+    in one dtype, so its frozen vectors (a norm's scale) join them; a frozen 2-D weight stays as it is (autocast,
+    or the layer, casts for the matmul)."""
     for module in model.modules():
         own = list(module.parameters(recurse=False))
-        if any(p.requires_grad for p in own):
-            for p in own:
-                if not p.requires_grad and p.dim() == 1 and p.is_floating_point() and p.dtype != torch.float32:
-                    p.data = p.data.float()
+        trains = any(p.requires_grad for p in own)
+        for p in own:
+            if p.is_floating_point() and p.dtype != torch.float32 and (p.requires_grad or trains and p.dim() == 1):
+                p.data = p.data.float()
 
 
 def frozen_parts(model: nn.Module, args: TrainArgs) -> set[str]:
