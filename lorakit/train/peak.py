@@ -59,6 +59,8 @@ def planned(model_path: str, args, bf16: bool, longest: int) -> tuple[int | None
         from lorakit.plan import predict_peak
 
         return predict_peak(model_path, dataclasses.replace(args, bf16=bf16, max_length=max(1, longest))), None
+    except ValueError as err:  # a run the planner does not describe: its own words
+        return None, str(err)
     except Exception as err:  # a run that trained must not fail over its memory report
         return None, f"{type(err).__name__}: {err}"
 
