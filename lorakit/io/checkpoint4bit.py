@@ -22,8 +22,8 @@ from lorakit.quant.nf4 import from_state_dict, quantize_nf4, to_state_dict
 
 
 def nf4_layer_names(model: nn.Module, skip: set[str]) -> set[str]:
-    """The layers 4-bit loading stores in NF4: every nn.Linear but the output head and those `skip` keeps
-    dense (is_kept_dense)."""
+    """The layers 4-bit loading stores in NF4: every nn.Linear but the output head and those within a module of
+    `skip`."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {name for name in linears_to_quantize(model, skip) if model.get_submodule(name) is not head}
 
@@ -55,7 +55,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def load_nf4(auto_class, folder: str, dtype: torch.dtype, skip: set[str],
              **config_kwargs) -> tuple[nn.Module, list[str]]:
-    """(model, names of the NF4 layers): every nn.Linear `skip` does not keep dense (is_kept_dense) in NF4,
+    """(model, names of the NF4 layers): every nn.Linear not within a module of `skip` in NF4,
     the rest in `dtype`. Parameters the checkpoint lacks, or holds for other labels (a new classifier head), are
     initialised as from_pretrained would; any other missing or misshapen key is an error."""
     from accelerate import init_empty_weights

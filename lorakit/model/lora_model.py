@@ -94,11 +94,11 @@ class LoraModel(nn.Module):
                     f"pass target_modules (e.g. 'all-linear' or some of {targetable_names(self.model)})"
                 )
             config.target_modules = list(defaults)
-        if is_all_linear(config.target_modules):
-            config.target_modules = all_linear_names(self.model, config)
         if config.task_type == TaskType.SEQ_CLS.value:
             extra = [h for h in SEQ_CLS_HEADS if h not in (config.modules_to_save or [])]
             config.modules_to_save = list(config.modules_to_save or []) + extra
+        if is_all_linear(config.target_modules):
+            config.target_modules = all_linear_names(self.model, config)
         return config
 
     def _saved_module_names(self, config: LoraConfig) -> list[str]:

@@ -10,6 +10,7 @@ from torch import nn
 from lorakit.config import LoraConfig, TaskType
 from lorakit.families import SEQ_CLS_HEADS, VlmParts, vlm_parts
 from lorakit.lora.layers import LoraLayer, LoraLinear, is_conv1d, lora_layer_class
+from lorakit.modules import is_within
 from lorakit.quant.linear4bit import NF4Linear
 
 
@@ -59,14 +60,15 @@ def is_all_linear(targets) -> bool:
 
 
 def all_linear_names(model: nn.Module, config: LoraConfig) -> list[str]:
-    """'all-linear': every Linear / Conv1D except the output head (as PEFT expands it)."""
+    """'all-linear': every Linear / Conv1D except the output head (as PEFT expands it) and those inside the
+    modules trained in full (modules_to_save: PEFT leaves them unadapted too)."""
     names = {n for n, m in model.named_modules()
              if (isinstance(m, (nn.Linear, NF4Linear, LoraLinear)) or is_conv1d(m)) and not is_adapter_internal(n)}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None and config.task_type == TaskType.SEQ_CLS.value:
         head = next((getattr(model, h) for h in SEQ_CLS_HEADS if hasattr(model, h)), None)
     names -= {n for n, m in model.named_modules() if head is not None and m is head}
-    return sorted(names)
+    return sorted(n for n in names if not is_within(n, config.modules_to_save or []))
 
 
 def targetable_names(model: nn.Module) -> list[str]:
@@ -78,10 +80,9 @@ def targetable_names(model: nn.Module) -> list[str]:
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Full names of the modules this config adapts; raises naming what is wrong if none or a typo."""
     names = [n for n, _ in model.named_modules() if n and not is_adapter_internal(n)]
-    saved = config.modules_to_save or []
     candidates = [n for n in names
                   if not (config.exclude_modules and name_matches(n, config.exclude_modules))
-                  and not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in saved)]
+                  and not is_within(n, config.modules_to_save or [])]
     if isinstance(config.target_modules, list):
         unknown = [t for t in config.target_modules if not any(name_matches(n, [t]) for n in names)]
         if unknown:

@@ -117,8 +117,8 @@ class NF4Linear(nn.Module):
 
 def quantize_linears(model: nn.Module, skip: set[str] = frozenset(), blocksize: int = 64,
                      double_quant: bool = True) -> list[str]:
-    """Replace every nn.Linear that `skip` does not keep dense (is_kept_dense) by an NF4Linear, one at a time;
-    returns the names replaced."""
+    """Replace every nn.Linear not within a module of `skip` by an NF4Linear, one at a time; returns the names
+    replaced."""
     from lorakit.modules import replace_module
 
     names = linears_to_quantize(model, skip)
@@ -128,13 +128,9 @@ def quantize_linears(model: nn.Module, skip: set[str] = frozenset(), blocksize: 
 
 
 def linears_to_quantize(model: nn.Module, skip: set[str] = frozenset()) -> list[str]:
-    """The nn.Linear layers quantize_linears replaces: all that `skip` does not keep dense."""
+    """The nn.Linear layers quantize_linears replaces: all but those within a module of `skip`
+    (lorakit.modules.is_within: "pooler" keeps "bert.pooler.dense" dense)."""
+    from lorakit.modules import is_within
+
     return [name for name, module in model.named_modules()
-            if type(module) is nn.Linear and not is_kept_dense(name, skip)]
-
-
-def is_kept_dense(name: str, skip: set[str]) -> bool:
-    """Whether `skip` keeps the layer `name` out of NF4: it names the layer or a module holding it, by the full
-    path or a dotted tail of it (PEFT's modules_to_save rule: "pooler" keeps "bert.pooler.dense")."""
-    parts = name.split(".")
-    return any(".".join(parts[start:end]) in skip for end in range(1, len(parts) + 1) for start in range(end))
+            if type(module) is nn.Linear and not is_within(name, skip)]

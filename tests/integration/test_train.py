@@ -226,6 +226,8 @@ def test_a_classifier_run_trains_the_pooler_in_full_and_peft_loads_it(tmp_path):
     assert yaml.safe_load((tmp_path / "o" / "run_config.yaml").read_text())["modules_to_save"] == ["pooler"]
     weights = adapter_weights(tmp_path / "o")
     assert not any("pooler" in k and "lora_" in k for k in weights)  # the pooler is whole, not adapted
+    saved_config = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    assert not [t for t in saved_config["target_modules"] if "pooler" in t or "classifier" in t]  # not targets
 
     def base():
         return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, ignore_mismatched_sizes=True)
