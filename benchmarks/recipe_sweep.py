@@ -93,14 +93,16 @@ GROUPS = {
 def defaults_id() -> str:
     """A short id of lorakit's defaults as they are now: the fields a recipe leaves unset and the values of the
     rules that fill the rest (learning rate over a grid of train types, tasks, steps and ranks; beta2; what a
-    BERT classifier trains in full), not their source, so a reformat keeps the id. A recipe's runs under other
+    BERT classifier trains in full), not their source, so a reformat keeps the id. Fields left None are not
+    part of it, so a new optional flag keeps the id of the runs before it. A recipe's runs under other
     defaults are kept apart."""
     import hashlib
 
     from lorakit.train.args import TrainArgs, default_adam_beta2
     from lorakit.train.prepare import default_learning_rate, default_modules_to_save
 
-    fields = {k: v for k, v in TrainArgs().to_dict().items() if k not in ("output_dir", "model", "dataset")}
+    fields = {k: v for k, v in TrainArgs().to_dict().items()
+              if k not in ("output_dir", "model", "dataset") and v is not None}
     rates = [[t, task, steps, rank, default_learning_rate(t, task, steps, rank)]
              for t in ("lora", "dora", "qlora", "full") for task in ("seq_cls", "causal_lm")
              for steps in (10, 100, 105, 264, 1000, 5000) for rank in (4, 8, 16, 64)]
