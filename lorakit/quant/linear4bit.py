@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.modules import is_within, replace_module
 from lorakit.quant.nf4 import NF4_CODE, NF4Weight, block_absmax, dequantize_nf4, quantize_nf4
 
 _STATE = ("absmax", "nested_absmax", "nested_code")  # tensors of NF4Weight besides the packed data
@@ -119,8 +120,6 @@ def quantize_linears(model: nn.Module, skip: set[str] = frozenset(), blocksize: 
                      double_quant: bool = True) -> list[str]:
     """Replace every nn.Linear not within a module of `skip` by an NF4Linear, one at a time; returns the names
     replaced."""
-    from lorakit.modules import replace_module
-
     names = linears_to_quantize(model, skip)
     for name in names:
         replace_module(model, name, NF4Linear.from_linear(model.get_submodule(name), blocksize, double_quant))
@@ -130,7 +129,5 @@ def quantize_linears(model: nn.Module, skip: set[str] = frozenset(), blocksize: 
 def linears_to_quantize(model: nn.Module, skip: set[str] = frozenset()) -> list[str]:
     """The nn.Linear layers quantize_linears replaces: all but those within a module of `skip`
     (lorakit.modules.is_within: "pooler" keeps "bert.pooler.dense" dense)."""
-    from lorakit.modules import is_within
-
     return [name for name, module in model.named_modules()
             if type(module) is nn.Linear and not is_within(name, skip)]
